@@ -1,0 +1,127 @@
+"""MoCo v2 — He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020;
+Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv 2003.04297, 2020.
+
+Query encoder f_q: backbone → global average pool of C5 → projector (C5 → 2048 ReLU → 128, no BN:
+MoCo v2's MLP head). Key encoder f_k: an EMA copy of backbone + projector.
+
+- Momentum update (MoCo Eq. 2): θ_k ← m·θ_k + (1 − m)·θ_q with a constant m = 0.999. The official
+  code updates the key encoder at the start of each forward; updating it after each optimiser step
+  (``after_optimizer_step``) gives the same key encoder for every forward (at step 0 the update of
+  an identical copy is a no-op).
+- Contrastive loss (MoCo Eq. 1, InfoNCE): q = f_q(view 1), k₊ = f_k(view 2), both L2-normalised,
+  L = −log exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_{k₋ ∈ queue} exp(q·k₋/τ)), τ = 0.2, positive at
+  index 0, one direction (as the official code). Queue keys of the current images are excluded from
+  the negatives (by image id), and the batch's keys are enqueued (FIFO) after the loss.
+- Shuffle-BN: the key encoder runs on a randomly permuted batch; under DDP the permutation spans the
+  ranks (lightly's ``batch_shuffle_distributed``), on one device the permuted batch is split into
+  ``SHUFFLE_SPLITS`` sub-batches, each normalised by its own BN statistics, so the key BN statistics
+  never match those of the query batch (lightly's ``SplitBatchNorm`` idea). Keys are unpermuted after.
+
+Defaults (the papers): momentum 0.999, queue 65536 (capped at the pool size, see
+``capped_queue_size``), temperature 0.2, proj_dim 128, hidden_dim 2048, shuffle_bn on. Views: recipe
+"mocov2" (RRC 0.2–1, jitter 0.4/0.4/0.4/0.1 p 0.8, grey 0.2, blur p 0.5, flip). Paper optimiser:
+SGD lr 0.03 (batch 256), momentum 0.9, wd 1e-4, cosine, 200 epochs (used only with --paper-optim).
+
+lightly parts: ``MoCoProjectionHead``, ``batch_shuffle_distributed``/``batch_unshuffle_distributed``,
+``lightly.utils.dist.gather``; the queue and InfoNCE are the project's (``bench.methods.queue``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed
+from torch import Tensor, nn
+
+from bench.augment import Views
+from bench.methods import register
+from bench.methods.base import Method, PretrainContext, embedding_std, last_feature, make_target
+from bench.methods.queue import KeyQueue, capped_queue_size, info_nce
+
+SHUFFLE_SPLITS = 2  # sub-batches of the key forward on one device (shuffle-BN emulation)
+
+
+@register
+class MoCoV2(Method):
+    name = "mocov2"
+    paper = "He et al., MoCo, CVPR 2020; Chen et al., MoCo v2, arXiv 2003.04297, 2020"
+    defaults = {"momentum": 0.999, "queue": 65536, "temperature": 0.2, "proj_dim": 128,
+                "hidden_dim": 2048, "shuffle_bn": True}
+    recipe = "mocov2"
+
+    def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict):
+        super().__init__(backbone, ctx, cfg)
+        c5 = ctx.feature_channels[-1]
+        self.projector = MoCoProjectionHead(c5, cfg["hidden_dim"], cfg["proj_dim"])
+        self.target_backbone = make_target(self.backbone)
+        self.target_projector = make_target(self.projector)
+        size = capped_queue_size(cfg["queue"], ctx.pool_size, ctx.batch_size)
+        self.queue = KeyQueue(size, cfg["proj_dim"])
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+
+    def momentum_at(self, step: int) -> float:
+        """MoCo keeps m constant (no schedule)."""
+        return self.cfg["momentum"]
+
+    def _keys(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Key-encoder outputs of a (sub-)batch: (k,) with k (B, D) normalised."""
+        return (F.normalize(self.target_projector(last_feature(self.target_backbone, x).mean(dim=(2, 3))),
+                            dim=1),)
+
+    @torch.no_grad()
+    def key_forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The key encoder on a batch, with shuffle-BN when ``shuffle_bn`` is on."""
+        if not self.cfg["shuffle_bn"]:
+            return self._keys(x)
+        return shuffled_forward(self._keys, x, SHUFFLE_SPLITS, self.ctx.distributed)
+
+    def training_step(self, views: Views, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        q = F.normalize(self.projector(last_feature(self.backbone, views.x1).mean(dim=(2, 3))), dim=1)
+        (k,) = self.key_forward(views.x2)
+        ids = views.image_ids.to(q.device)
+        loss = info_nce(q, k, self.queue.keys.clone(), self.cfg["temperature"], self.queue.exclusion_mask(ids))
+        self.queue.push(*gather_across_ranks(k, ids, distributed=self.ctx.distributed))  # after the loss
+        return loss, {"loss": loss.detach(), "std": embedding_std(q)}
+
+
+# --- shared by the queue-based methods ------------------------------------------------------------
+
+def _ddp_active(distributed: bool) -> bool:
+    return distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, splits: int = SHUFFLE_SPLITS,
+                     distributed: bool = False) -> tuple[Tensor, ...]:
+    """Shuffle-BN (MoCo §3.3): ``fn`` on a permuted batch, outputs returned in the original order.
+
+    Under DDP the permutation spans all ranks (lightly's ``batch_shuffle_distributed``); on one device
+    the permuted batch is run in ``splits`` sub-batches so that each is normalised by the BN
+    statistics of a random subset. Every output of ``fn`` must be batch-first.
+    """
+    if _ddp_active(distributed):
+        shuffled, order = batch_shuffle_distributed(x)
+        return tuple(batch_unshuffle_distributed(out, order) for out in fn(shuffled))
+    perm = torch.randperm(x.shape[0], device=x.device)
+    parts = [fn(chunk) for chunk in x[perm].chunk(max(1, min(splits, x.shape[0])))]
+    inverse = torch.argsort(perm)
+    return tuple(torch.cat(outs)[inverse] for outs in zip(*parts, strict=True))
+
+
+@torch.no_grad()
+def gather_across_ranks(*tensors: Tensor, distributed: bool = False) -> tuple[Tensor, ...]:
+    """All-gather batch-first tensors across DDP ranks (for enqueueing); identity on one device."""
+    if not _ddp_active(distributed):
+        return tensors
+    gathered = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        gathered.append(torch.cat(parts))
+    return tuple(gathered)

@@ -1,0 +1,86 @@
+"""Backbone (timm, ``features_only``) + DeepLabv3 ASPP head (torchvision), and their initialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from bench.errors import BenchError
+
+
+def create_backbone(name: str, pretrained: bool = False, output_stride: int | None = None) -> nn.Module:
+    """A timm ``features_only`` backbone returning every stage's feature map (first to last).
+
+    ``output_stride=16`` dilates the last stage (DeepLabv3); the weights are the same at any
+    stride, so a checkpoint pretrained at stride 32 loads into a stride-16 model.
+    """
+    kwargs = {"features_only": True, "pretrained": pretrained}
+    if output_stride is not None and output_stride != 32:
+        kwargs["output_stride"] = output_stride
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as err:  # timm raises RuntimeError for unknown names
+        if "Unknown model" in str(err):
+            close = timm.list_models(f"*{name}*")[:5]
+            raise BenchError(f"unknown backbone {name!r}; timm has e.g. {', '.join(close) or 'resnet18'}") \
+                from None
+        raise
+
+
+def feature_channels(backbone: nn.Module) -> tuple[int, ...]:
+    return tuple(backbone.feature_info.channels())
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + DeepLabv3 ASPP head on the last stage, bilinear upsampling to the input size."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 1):
+        super().__init__()
+        self.backbone = backbone
+        self.head = DeepLabHead(feature_channels(backbone)[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.backbone(x)[-1]
+        return F.interpolate(self.head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def imagenet_weights_available(name: str) -> tuple[bool, str]:
+    """Whether timm's ImageNet weights for ``name`` can be loaded offline (hub cache), and why not."""
+    try:
+        timm.create_model(name, pretrained=True, features_only=True)
+        return True, ""
+    except Exception as err:  # no network and nothing cached: any of several exception types
+        return False, f"ImageNet weights for {name} are not available offline ({type(err).__name__})"
+
+
+def build_segmentation_model(backbone_name: str, init: str, output_stride: int = 16) -> SegmentationModel:
+    """The finetune model. ``init``: ``scratch``, ``imagenet`` or a checkpoint file written by pretraining."""
+    if init in ("scratch", "imagenet"):
+        return SegmentationModel(create_backbone(backbone_name, init == "imagenet", output_stride))
+    model = SegmentationModel(create_backbone(backbone_name, False, output_stride))
+    load_checkpoint(model, Path(init))
+    return model
+
+
+def load_checkpoint(model: SegmentationModel, path: Path) -> None:
+    """Strict load of an exported backbone (and, if present, the pretrained ASPP head: CP2)."""
+    if not path.is_file():
+        raise BenchError(f"checkpoint {path} does not exist; rerun pretraining or pass an existing file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.backbone.load_state_dict(state["backbone"], strict=True)
+    if "head" in state:
+        load_aspp(model.head, state["head"])
+
+
+def load_aspp(head: DeepLabHead, state: dict[str, Tensor]) -> None:
+    """Load a pretrained ASPP (DeepLabHead minus its final classifier conv) into the finetune head."""
+    own = head.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("4.")]
+    if missing:
+        raise BenchError(f"checkpoint head lacks {missing[:3]}: it is not a DeepLabHead ASPP")
+    head.load_state_dict({k: v for k, v in state.items() if k in own and not k.startswith("4.")}, strict=False)

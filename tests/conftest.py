@@ -1,0 +1,53 @@
+"""Shared test fixtures: small backbones and batches, and the path of the real-data excerpts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.methods.base import PretrainContext
+from bench.models import create_backbone, feature_channels
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+torch.set_num_threads(2)
+
+
+def requires_shared_data():
+    """Skip marker for tests on ../shared/data (CI has it beside the checkout; a clone may not)."""
+    return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real-data excerpts not found at {SHARED_DATA}")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real-data excerpts not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def tiny_backbone(output_stride: int | None = None):
+    torch.manual_seed(0)
+    return create_backbone("resnet18", pretrained=False, output_stride=output_stride)
+
+
+def tiny_context(backbone, batch_size: int = 4, total_steps: int = 10, pool_size: int = 64,
+                 image_size: int = 64) -> PretrainContext:
+    return PretrainContext(feature_channels=feature_channels(backbone), total_steps=total_steps,
+                           batch_size=batch_size, pool_size=pool_size, image_size=image_size)
+
+
+def random_images(n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """A uint8 batch (n, 3, size, size) with some structure (smooth blobs), not pure noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for _ in range(n):
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
+        blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2).astype(np.float32)
+        base = rng.uniform(0.2, 0.8, size=3)[:, None, None] + 0.1 * rng.standard_normal((3, size, size))
+        img = np.clip(base + 0.4 * blob[None], 0, 1)
+        images.append((img * 255).astype(np.uint8))
+    return torch.from_numpy(np.stack(images))

@@ -1,0 +1,215 @@
+"""The CLI end to end on a tiny grid: a complete run, resume after an interruption, a NaN-ing method,
+and every bad input answered with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from bench import protocol
+from bench.cli import app
+
+TINY = """
+name: tiny
+methods: [scratch, byol]
+datasets:
+  - {ref: synthetic-polyp, n: 20}
+fractions: [0.1, 0.5]
+seeds: [0]
+backbone: resnet18
+init: scratch
+pretrain: {size: 32, steps: 2, batch_size: 4, optimizer: sgd, lr: 0.01}
+finetune: {size: 32, steps: 2, batch_size: 2, optimizer: adamw, lr: 0.001}
+precision: fp32
+"""
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_spec(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def bench(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *words: str) -> None:
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error:"), output
+    for word in words:
+        assert word.lower() in error.lower(), output
+
+
+def test_tiny_run_end_to_end_and_resume(tiny_spec, tmp_path):
+    out = tmp_path / "run"
+    result = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 4 and set(table["status"]) == {"ok"}
+    assert set(table["method"]) == {"scratch", "byol"}
+    assert table["miou"].between(0, 1).all()
+    jobs = list((out / "pretrain").iterdir())
+    assert len(jobs) == 1, "byol's one checkpoint serves both fractions"
+    assert (jobs[0] / "DONE").is_file() and (jobs[0] / "backbone.pt").is_file()
+    records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert len(records) == 4
+    record = next(r for r in records if r["method"] == "byol")
+    assert record["pretrain_id"] == jobs[0].name
+    assert len(record["per_image"]["iou"]) == record["split"]["n_test"]
+    assert record["versions"]["torch"] == torch.__version__ and record["precision"] == "fp32"
+    ranks = pd.read_csv(out / "report" / "ranks.csv")
+    assert set(ranks["method"]) == {"scratch", "byol"}
+    # a rerun recomputes nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    again = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--no-report")
+    assert again.exit_code == 0, again.output
+    assert "0 ran, 5 reused" in again.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+
+
+def test_interrupted_run_resumes_without_recomputing(tiny_spec, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real = protocol.finetune
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("bench.execute.finetune", flaky)
+    first = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress")
+    assert first.exit_code == 130, first.output
+    done = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert len(done) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    calls.clear()
+    monkeypatch.setattr("bench.execute.finetune", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    second = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--no-report")
+    assert second.exit_code == 0, second.output
+    assert len(calls) == 2, "only the two unfinished cells run again"
+    for path, stamp in stamps.items():
+        assert path.stat().st_mtime_ns == stamp
+
+
+def test_nan_loss_fails_the_job_and_the_run_goes_on(tiny_spec, tmp_path, monkeypatch):
+    from bench.methods.byol import BYOL
+
+    def nan_step(self, views, step):
+        loss = self.projector(views.x1.new_zeros(2, self.ctx.feature_channels[-1])).sum() * float("nan")
+        return loss, {"loss": loss.detach()}
+
+    monkeypatch.setattr(BYOL, "training_step", nan_step)
+    out = tmp_path / "run"
+    result = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--no-report")
+    assert result.exit_code == 1, result.output
+    table = pd.read_csv(out / "results.csv")
+    assert set(table.loc[table["method"] == "scratch", "status"]) == {"ok"}
+    failed = table[table["method"] == "byol"]
+    assert set(failed["status"]) == {"failed"}
+    assert failed["error"].str.contains("nan").all()
+    job = next((out / "pretrain").iterdir())
+    assert "nan" in (job / "FAILED").read_text()
+
+
+def test_unknown_method_suggests(tiny_spec):
+    one_line_error(bench("run", "--spec", tiny_spec, "--methods", "dicho"), "unknown method", "dicoh")
+
+
+def test_unknown_override_lists_keys(tiny_spec):
+    one_line_error(bench("run", "--spec", tiny_spec, "--methods", "byol:momentun=0.9"), "momentum")
+
+
+@pytest.mark.parametrize("fraction", ["0", "-0.1", "1.5", "abc"])
+def test_impossible_fractions(tiny_spec, fraction):
+    one_line_error(bench("run", "--spec", tiny_spec, "--fractions", fraction), "fraction")
+
+
+def test_unknown_dataset_and_missing_root(tiny_spec, tmp_path):
+    one_line_error(bench("run", "--spec", tiny_spec, "--datasets", "synthetic-polip"), "synthetic-polyp")
+    one_line_error(bench("run", "--spec", tiny_spec, "--datasets", f"kvasir-seg:{tmp_path / 'nope'}"), "nope")
+
+
+def _write(path: Path, size=(40, 32), color=100) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (color, color, color)).save(path)
+
+
+def test_bad_folders(tiny_spec, tmp_path):
+    odd = tmp_path / "odd"
+    (odd / "stuff").mkdir(parents=True)
+    (odd / "readme.txt").write_text("x")
+    one_line_error(bench("run", "--spec", tiny_spec, "--datasets", str(odd)), "layout")
+
+    unpaired = tmp_path / "unpaired"
+    for name in ("a", "b", "c"):
+        _write(unpaired / "images" / f"{name}.jpg")
+    _write(unpaired / "masks" / "a.jpg")
+    one_line_error(bench("run", "--spec", tiny_spec, "--datasets", f"kvasir-seg:{unpaired}"), "mask")
+
+    mismatch = tmp_path / "mismatch"
+    _write(mismatch / "images" / "a.jpg", size=(40, 32))
+    _write(mismatch / "masks" / "a.jpg", size=(20, 16), color=255)
+    _write(mismatch / "images" / "b.jpg")
+    _write(mismatch / "masks" / "b.jpg", color=255)
+    one_line_error(bench("run", "--spec", tiny_spec, "--datasets", f"kvasir-seg:{mismatch}"), "20×16", "40×32")
+
+
+def test_corrupt_image_is_named(tiny_spec, tmp_path, shared_data):
+    root = tmp_path / "Kvasir-SEG"
+    shutil.copytree(shared_data / "Kvasir-SEG", root)
+    victim = sorted((root / "images").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    one_line_error(bench("run", "--spec", tiny_spec, "--datasets", f"kvasir-seg:{root}"), victim.name)
+    one_line_error(bench("datasets", str(root)), victim.name)
+
+
+def test_other_spec_in_the_same_folder_is_refused(tiny_spec, tmp_path):
+    out = tmp_path / "run"
+    assert bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--no-report",
+                 "--methods", "scratch").exit_code == 0
+    one_line_error(bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--seeds", "1"),
+                   "different spec", "--force-new")
+    forced = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--no-report", "--seeds", "1",
+                   "--methods", "scratch", "--force-new")
+    assert forced.exit_code == 0, forced.output
+    assert len(list((out / "cells").glob("*.json"))) == 4, "records of the old spec are kept"
+
+
+def test_methods_and_datasets_listings():
+    listing = bench("methods")
+    assert listing.exit_code == 0
+    for name in ("scratch", "imagenet", "byol"):
+        assert name in listing.output
+    assert "Grill" in listing.output
+    datasets = bench("datasets")
+    assert datasets.exit_code == 0 and "synthetic-polyp" in datasets.output and "kvasir-seg" in datasets.output
+
+
+def test_datasets_inspects_real_excerpt(shared_data):
+    result = bench("datasets", str(shared_data / "CVC-ColonDB"))
+    assert result.exit_code == 0, result.output
+    assert "cvc-colondb" in result.output and "8" in result.output
+
+
+def test_report_on_a_csv(tmp_path, shared_data):
+    result = bench("report", shared_data / "demsar2006_table6.csv", "--metric", "auc", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    ranks = pd.read_csv(tmp_path / "r" / "ranks.csv")
+    assert ranks.set_index("method").loc["C4.5+m+cf", "avg_rank"] == pytest.approx(1.929, abs=1e-3)
