@@ -147,6 +147,7 @@ def run(
     time_min: Annotated[int, typer.Option("--time", help="SLURM time limit per task, minutes")] = 240,
     gpus: Annotated[int, typer.Option(help="SLURM GPUs per task")] = 1,
     mem_gb: Annotated[int, typer.Option("--mem", help="SLURM memory per task, GB")] = 32,
+    diagnose: Annotated[bool, typer.Option(help="Feature diagnostics of the backbones before the report")] = False,
     report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
 ) -> None:
@@ -178,6 +179,11 @@ def run(
     else:
         raise BenchError(f"--executor {executor!r} unknown; use local, slurm or submitit-local")
     _print_summary(summary, bench_spec)
+    if diagnose:
+        from bench.execute import diagnose_run
+
+        with console.status("feature diagnostics"):
+            diagnose_run(out)
     if report:
         _write_report(out, bench_spec.metric)
     for note in summary.notes:
@@ -295,6 +301,24 @@ def _report_lines(report_) -> list[str]:
         lines = report_.lines
         return list(lines() if callable(lines) else lines)
     return [str(report_)]
+
+
+@app.command()
+@handle_errors
+def diagnose(
+    out: Annotated[Path, typer.Argument(help="A run folder")],
+    seed: Annotated[int, typer.Option(help="Seed of the views and pixel samples")] = 0,
+    max_pixels: Annotated[int, typer.Option(help="Pixels sampled per dataset and method")] = 2000,
+    max_images: Annotated[int, typer.Option(help="Test images per dataset (seeded sample)")] = 64,
+) -> None:
+    """Feature diagnostics of every pretrained backbone: variance, positive/negative similarity,
+    silhouette, linear separability, effective rank, t-SNE plots."""
+    from bench.execute import diagnose_run
+
+    with console.status("embedding test images"):
+        files = diagnose_run(out, seed=seed, max_pixels=max_pixels, max_images=max_images)
+    console.print(f"diagnostics written: {', '.join(str(f) for f in files)}")
+    console.print(f"run [bold]bench report {out}[/bold] to include them in the report")
 
 
 @app.command()

@@ -451,3 +451,56 @@ def _task_failures(task) -> list[tuple[str, str]]:
         return task.result()
     except Exception as err:  # submitit wraps the worker's exception; keep its first line
         return [(f"submitit task {task.job_id}", str(err).strip().splitlines()[-1][:300])]
+
+
+# --- feature diagnostics of a run's backbones --------------------------------------------------------
+
+def diagnose_run(out: Path, seed: int = 0, max_pixels: int = 2000, max_images: int | None = 64,
+                 cache_dir: Path | None = None) -> list[Path]:
+    """``bench diagnose``: embed each dataset's test images with every pretrained backbone of the run
+    (and the baselines) and write DiCoH's Tables 5–7 quantities and t-SNE plots to ``<out>/diagnostics``."""
+    import shutil
+
+    import pandas as pd
+
+    from bench.models import create_backbone
+    from bench.reports.diagnostics import run_diagnostics
+    from bench.spec import spec_from_dict
+    from bench.store import read_json
+
+    path = Path(out) / "spec.json"
+    if not path.is_file():
+        raise BenchError(f"{out} is not a run folder (no spec.json); pass the --out folder of a bench run")
+    spec = spec_from_dict(read_json(path), where=str(path))
+    grid = build_grid(spec, baseline_skips(spec))
+    store = Store(out)
+    data = DataCache(spec, cache_dir)
+    target = Path(out) / "diagnostics"
+    frames, files = [], []
+    for entry in spec.datasets:
+        name = dataset_label(entry)
+        backbones = {}
+        for cell in grid.cells:
+            if cell.dataset != entry or cell.label in backbones:
+                continue
+            if cell.pretrain_id is None:
+                torch.manual_seed(seed)
+                backbones[cell.label] = create_backbone(spec.backbone, cell.config["init"] == "imagenet")
+            elif store.job_done(cell.pretrain_id):
+                backbone = create_backbone(spec.backbone)
+                state = torch.load(store.checkpoint(cell.pretrain_id), map_location="cpu", weights_only=True)
+                backbone.load_state_dict(state["backbone"], strict=True)
+                backbones[cell.label] = backbone
+        if not backbones:
+            continue
+        folder = target / name
+        frames.append(run_diagnostics(Path(out), {name: data.dataset(entry, spec.finetune.size)}, backbones,
+                                      out_dir=folder, seed=seed, max_pixels=max_pixels, max_images=max_images))
+        for png in folder.glob("*.png"):  # the report embeds the PNGs of diagnostics/
+            files.append(target / f"{png.stem}_{name}.png")
+            shutil.copyfile(png, files[-1])
+    if not frames:
+        raise BenchError(f"{out} has no finished pretraining and no baseline to diagnose; run bench run first")
+    table = pd.concat(frames, ignore_index=True)
+    write_atomic(target / "diagnostics.csv", table.to_csv(index=False))
+    return [target / "diagnostics.csv", *files]

@@ -213,3 +213,29 @@ def test_report_on_a_csv(tmp_path, shared_data):
     assert result.exit_code == 0, result.output
     ranks = pd.read_csv(tmp_path / "r" / "ranks.csv")
     assert ranks.set_index("method").loc["C4.5+m+cf", "avg_rank"] == pytest.approx(1.929, abs=1e-3)
+
+
+def test_status_and_diagnose_after_a_run(tiny_spec, tmp_path):
+    out = tmp_path / "run"
+    assert bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--no-report",
+                 "--fractions", "0.5").exit_code == 0
+    status = bench("status", out)
+    assert status.exit_code == 0, status.output
+    assert "byol" in status.output and "done 1" in status.output  # one pretrain job done
+    result = bench("diagnose", out, "--max-pixels", "200", "--max-images", "4")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "diagnostics" / "diagnostics.csv")
+    assert set(table["method"]) == {"scratch", "byol"}
+    assert table["effective_rank"].notna().all()
+    one_line_error(bench("status", tmp_path / "nothing"), "not a run folder")
+
+
+def test_speed_writes_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    result = bench("speed", "--methods", "byol", "--size", "32", "--batch-size", "4", "--windows", "1",
+                   "--reference-workers", "0", "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["phase"] for r in records] == ["pretrain", "finetune", "reference"]
+    for r in records:
+        assert r["images_per_s"] > 0 and r["batch_size"] == 4 and r["size"] == 32 and r["device"] == "cpu"

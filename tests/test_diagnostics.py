@@ -179,7 +179,7 @@ def test_diagnose_backbone_on_known_features():
 
 
 def test_diagnose_backbone_resnet_is_deterministic_and_restores_mode():
-    images, masks = red_green_set(n=6, seed=1)  # 2 × 2 cells, each image has both classes
+    images, masks = red_green_set(n=4, seed=1)  # 2 × 2 cells, each image has both classes
     backbone = tiny_backbone()
     backbone.train()
     a = diagnose_backbone(backbone, images, masks, torch.Generator().manual_seed(3), max_pixels=100)
@@ -195,12 +195,12 @@ def test_run_diagnostics_writes_tables_and_plots(tmp_path):
     sets = {}
     for k, name in enumerate(["polyps", "glands"]):
         images, masks = red_green_set(n=10, seed=k)
-        sets[name] = SimpleNamespace(name=name, images=images.numpy(), masks=masks.numpy(), test=np.arange(4, 10))
+        sets[name] = SimpleNamespace(name=name, images=images.numpy(), masks=masks.numpy(), test=np.arange(6, 10))
     backbones = {"scratch": tiny_backbone(), "colour": ColourPool(), "colour+disp": ColourPool()}
     df = run_diagnostics(tmp_path, sets, backbones, max_pixels=200, tsne_points=60)
     out = tmp_path / "diagnostics"
     assert len(df) == 6 and set(METRICS) <= set(df.columns)
-    assert (df["n_images"] == 6).all()
+    assert (df["n_images"] == 4).all()
     csv = pd.read_csv(out / "diagnostics.csv")
     assert list(csv["method"]) == ["scratch", "colour", "colour+disp"] * 2
     assert csv.loc[csv["method"] == "colour", "linear_separability"].tolist() == [1.0, 1.0]
@@ -208,7 +208,7 @@ def test_run_diagnostics_writes_tables_and_plots(tmp_path):
     same = csv.set_index(["method", "dataset"])[list(METRICS)]
     pd.testing.assert_frame_equal(same.loc["colour"], same.loc["colour+disp"])
     md = (out / "diagnostics.md").read_text()
-    assert "## polyps (6 test images)" in md and "| colour+disp |" in md
+    assert "## polyps (4 test images)" in md and "| colour+disp |" in md
     tex = (out / "diagnostics.tex").read_text()
     assert tex.count("\\begin{tabular}") == 2 and "\\bottomrule" in tex
     for png in ("tsne_pixels.png", "tsne_images.png", "tsne_dispersive.png"):

@@ -88,6 +88,8 @@ def test_hinge_by_hand():
 def test_cov_by_hand():
     # centred: [[-1/3, -2/3], [2/3, -2/3], [-1/3, 4/3]]; C01 = (2/9 - 4/9 - 4/9) / 2 = -1/3
     assert close(dispersive_loss(POINTS, "cov"), 2 * (1 / 3) ** 2)
+    assert close(dispersive_loss(POINTS, "cov", normalize=True), 2 * (1 / 3) ** 2 / 2)  # / D
+    assert close(dispersive_loss(POINTS, "cov", include_self=True), 2 * (1 / 3) ** 2)  # no pairs
 
 
 def test_cov_gram_form_matches_the_d_by_d_matrix():

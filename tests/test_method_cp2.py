@@ -164,7 +164,7 @@ def test_step_updates_online_and_target_follows_constant_ema():
     method.after_optimizer_step(5)
     m = method.momentum_at(5)
     assert m == method.momentum_at(0) == 0.999
-    assert any(not torch.equal(a, p) for a, p in zip(online_before, online.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(online_before, online.parameters(), strict=True))
     moved = 0.0
     for p_old, p_on, p_tg in zip(before, online.parameters(), target.parameters(), strict=True):
         torch.testing.assert_close(p_tg, p_old * m + p_on.detach() * (1 - m), rtol=2.5e-7, atol=1e-9)
@@ -233,18 +233,24 @@ def test_export_head_false_exports_the_backbone_alone():
 # --- short run ----------------------------------------------------------------------------------
 
 def test_short_run_lowers_the_loss():
+    """A short run on a fixed pool of two batches of copy-paste views (pool 8, queue primed with their
+    keys). With fresh MoCo-v2 views every step the InfoNCE stays at chance for far more than a few
+    dozen steps on these near-identical synthetic images (measured), so the views are drawn once: the
+    run checks that the whole step (online, EMA key branch, queue) can lower the loss."""
     torch.manual_seed(0)
-    method = build(batch_size=4, total_steps=20)
+    method = build(batch_size=4, total_steps=20, pool_size=8, image_size=48)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    images, ids = random_images(4, 64, seed=3), torch.arange(4)
-    g = torch.Generator().manual_seed(0)
+    images, g = random_images(8, 48, seed=3), torch.Generator().manual_seed(0)
+    batches = [method.make_views(images[ids], ids, g) for ids in torch.arange(8).split(4)]
+    with torch.no_grad():
+        for views in batches:
+            method._enqueue(method._keys(views.x2, method.cell_masks(views.paste2, 3, 3))[1], views.image_ids)
     losses = []
     for step in range(20):
-        views = method.make_views(images, ids, g)
-        loss, _ = method.step(views, step)
+        loss, _ = method.step(batches[step % 2], step)
         opt.zero_grad()
         loss.backward()
         opt.step()
         method.after_optimizer_step(step)
         losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1

@@ -198,10 +198,11 @@ def test_spatial_positives_match_hand_computed_map():
     # view 2 = top-left quarter: its centres (1/16, 1/16), (3/16, 1/16), (1/16, 3/16), (3/16, 3/16); every
     # view-1 centre (1/4 or 3/4 per axis) is nearest to cell 3; distance / larger bin diagonal (√2/2):
     # √2/16 / (√2/2) = 0.125 < 0.7, then 0.80, 0.80, 1.125 → only cell 0 is valid
-    index, valid = method.positive_map("spatial", (full, one, torch.tensor([[0.0, 0.0, 0.25, 0.25]]), one), h, h)
+    quarter, strip = torch.tensor([[0.0, 0.0, 0.25, 0.25]]), torch.tensor([[0.25, 0.0, 0.75, 1.0]])
+    index, valid = method.positive_map("spatial", (full, one, quarter, one), h, h)
     assert index.tolist() == [[3, 3, 3, 3]] and valid.tolist() == [[True, False, False, False]]
     # view 2 = middle vertical strip, flipped: its column 0 lies at x = 0.625, column 1 at 0.375
-    index, valid = method.positive_map("spatial", (full, one, torch.tensor([[0.25, 0.0, 0.75, 1.0]]), ~one), h, h)
+    index, valid = method.positive_map("spatial", (full, one, strip, ~one), h, h)
     assert index.tolist() == [[1, 0, 3, 2]] and valid.all()
     index, valid = method.positive_map("similar", (full, one, full, one), h, torch.randn(1, 8, 2, 2))
     assert valid.all() and index.shape == (1, 4)
@@ -260,9 +261,9 @@ def test_local_and_global_terms_use_image_level_queue_keys_and_lambda_temperatur
         spatial = similar = glob = 0.0
         for oq, tk in ((o1, t2), (o2, t1)):  # both directions, averaged
             # both views are the full image without flips: R is the identity, valid everywhere
-            spatial = spatial + hand_local(oq[1], tk[1], ident, ones, tau, 75, keys, key_ids, views.image_ids) / 2
-            similar = similar + hand_local(oq[1], tk[1], brute_argmax(oq[0], tk[0]), ones, tau, 75, keys, key_ids,
-                                           views.image_ids) / 2
+            bank = (keys, key_ids, views.image_ids)
+            spatial = spatial + hand_local(oq[1], tk[1], ident, ones, tau, 75, *bank) / 2
+            similar = similar + hand_local(oq[1], tk[1], brute_argmax(oq[0], tk[0]), ones, tau, 75, *bank) / 2
             glob = glob + hand_global(oq[2], tk[2], keys, key_ids, views.image_ids, tau) / 2
         return spatial.item(), similar.item(), glob.item()
 
@@ -276,7 +277,8 @@ def test_local_and_global_terms_use_image_level_queue_keys_and_lambda_temperatur
     assert negatives.shape == (2, 4, 16)  # (B, N, K/4) of the (K, D) = (64, 128) queue
     # lambda=0: the pure global loss; lambda=1: the pure local loss; temperature enters every term
     assert variants["lambda=0"].training_step(views, 0)[0].item() == pytest.approx(glob, rel=1e-4)
-    assert variants["lambda=1"].training_step(views, 0)[0].item() == pytest.approx(spatial + similar, rel=1e-4)
+    local = spatial + similar
+    assert variants["lambda=1"].training_step(views, 0)[0].item() == pytest.approx(local, rel=1e-4)
     spatial5, similar5, glob5 = hand_terms(0.5)
     assert variants["temperature=0.5"].training_step(views, 0)[0].item() == pytest.approx(
         0.5 * (spatial5 + similar5) + 0.5 * glob5, rel=1e-4)
@@ -313,7 +315,8 @@ def test_percentile_override_changes_the_selected_negatives():
         same_weights(method, methods[0])
         set_queue(method, seed=5)
         exclude = method.queue.exclusion_mask(views.image_ids)
-        assert method.image_negatives(zq, method.queue.keys, exclude).shape == (2, 4, {0: 64, 50: 32, 75: 16}[p])
+        kept = {0: 64, 50: 32, 75: 16}[p]
+        assert method.image_negatives(zq, method.queue.keys, exclude).shape == (2, 4, kept)
         local[p] = method.training_step(views, 0)[1]["loss_local"].item()
     # fewer (harder) negatives in the denominator → a smaller loss; all keys → the largest
     assert local[0] > local[50] > local[75]
@@ -371,15 +374,15 @@ def test_separate_global_projector_changes_q_k_and_the_global_term_only():
     h, z, q = separate.embed_online(views.x1)
     with torch.no_grad():
         expected_q = F.normalize(separate.global_head(h.mean(dim=(2, 3))), dim=1)
-        expected_k = F.normalize(separate.target_global_head(separate.target_backbone(views.x2)[-1].mean((2, 3))),
-                                 dim=1)
+        pooled = separate.target_backbone(views.x2)[-1].mean((2, 3))
+        expected_k = F.normalize(separate.target_global_head(pooled), dim=1)
     torch.testing.assert_close(q, expected_q, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(q, pooled_embedding(z))
     _, logs_shared = shared.training_step(views, 0)
     _, logs_sep = separate.training_step(views, 0)
     assert logs_sep["loss_global"].item() != pytest.approx(logs_shared["loss_global"].item(), rel=1e-3)
     assert logs_sep["loss_spatial"].item() == pytest.approx(logs_shared["loss_spatial"].item(), rel=1e-5)
-    torch.testing.assert_close(separate.queue.keys[2:4], expected_k, rtol=1e-5, atol=1e-6)  # queue holds its k
+    torch.testing.assert_close(separate.queue.keys[2:4], expected_k, rtol=1e-5, atol=1e-6)  # holds its k
 
 
 def test_momentum_override_and_target_moves_only_by_ema():
@@ -399,7 +402,8 @@ def test_momentum_override_and_target_moves_only_by_ema():
         optimizer.step()
         method.after_optimizer_step(0)
         m = cosine_momentum(momentum, 0, 10)
-        assert any(not torch.equal(a, b) for a, b in zip(online_before, method.backbone.parameters(), strict=True))
+        online_after = method.backbone.parameters()
+        assert any(not torch.equal(a, b) for a, b in zip(online_before, online_after, strict=True))
         for (online, target), before in zip(pairs, target_before, strict=True):
             for b, o, t in zip(before, online.parameters(), target.parameters(), strict=True):
                 torch.testing.assert_close(t, m * b + (1 - m) * o)

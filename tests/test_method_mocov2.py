@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from bench.augment import Views, make_views
 from bench.errors import BenchError
 from bench.methods import build_method, parse_method
-from bench.methods.mocov2 import shuffled_forward
+from bench.methods.mocov2 import gather_across_ranks, shuffled_forward
 from bench.models import SegmentationModel, create_backbone
 from tests.conftest import random_images, tiny_backbone, tiny_context
 
@@ -159,6 +159,30 @@ def test_shuffled_forward_unpermutes_and_splits_the_batch():
         # ... each normalised by its own mean
         torch.testing.assert_close(x[members].mean(0), mean, atol=1e-4, rtol=0)
     assert not torch.allclose(chunk_means, x.mean(0).expand_as(x), atol=1e-4)  # not the full-batch mean
+
+
+def _ddp_worker(rank: int, world: int, store: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # rank 0's permutation is broadcast; seeded so the test is deterministic
+    try:
+        x = torch.arange(12, dtype=torch.float).reshape(4, 3) + 100 * rank
+        doubled, sums = shuffled_forward(lambda t: (2 * t, t.sum(1)), x, distributed=True)
+        torch.testing.assert_close(doubled, 2 * x)  # this rank's samples, in this rank's order
+        torch.testing.assert_close(sums, x.sum(1))
+        (centred,) = shuffled_forward(lambda t: (t - t.mean(0, keepdim=True),), x, distributed=True)
+        assert not torch.allclose(x - centred, x.mean(0).expand_as(x))  # statistics of a mixed batch
+        keys, ids = gather_across_ranks(x, torch.arange(4) + 10 * rank, distributed=True)
+        torch.testing.assert_close(keys, torch.cat([x - 100 * rank + 100 * r for r in range(world)]))
+        assert ids.tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shuffle_and_gather_across_two_ranks(tmp_path):
+    """DDP path (gloo, 2 CPU processes): the batch is shuffled across ranks and each rank gets its
+    own outputs back in order; keys and ids are gathered from both ranks for the queue."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    assert gather_across_ranks(torch.ones(2), distributed=True)[0].shape == (2,)  # no group: identity
 
 
 def test_shuffle_bn_keys_are_in_order_and_use_sub_batch_statistics():

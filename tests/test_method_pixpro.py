@@ -132,9 +132,9 @@ def test_step_updates_online_and_target_follows_ema(spec):
     method.after_optimizer_step(0)
     m = method.momentum_at(0)
     assert m == pytest.approx(0.99)
-    assert any(not torch.equal(a, p) for a, p in zip(online_before, method.backbone.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(online_before, method.backbone.parameters(), strict=True))
     moved = 0.0
-    for (online, target), old in zip(pairs, before):
+    for (online, target), old in zip(pairs, before, strict=True):
         for p_old, p_on, p_tg in zip(old, online.parameters(), target.parameters(), strict=True):
             # exact up to float32 rounding (lightly fuses the multiply-add): 2 ulp
             torch.testing.assert_close(p_tg, p_old * m + p_on.detach() * (1 - m), rtol=2.5e-7, atol=1e-9)

@@ -20,9 +20,11 @@ The MoCo-v2 global branch (see ``bench.methods.mocov2``) plus a dense branch on 
 
 Defaults (the paper / released configs): momentum 0.999, queue 65536 (both queues; capped at the
 pool size), temperature 0.2, proj_dim 128, hidden_dim 2048, shuffle_bn on, loss_lambda 0.5,
-warmup_steps 0. Views: recipe "mocov2". The global projector's Linear layers are initialised as
-the official ``init_linear='kaiming'`` (Kaiming-normal, fan_in, ReLU gain, zero bias); the dense
-layers keep PyTorch's default (the official code leaves its convs at the default too).
+warmup_steps 0. Views: recipe "mocov2". Released optimiser (for reference; the preset's is used):
+SGD lr 0.03 for batch 256, momentum 0.9, wd 1e-4, cosine, 200 epochs on ImageNet.
+The global projector's Linear layers are initialised as the official ``init_linear='kaiming'``
+(Kaiming-normal, fan_in, ReLU gain, zero bias); the dense layers keep PyTorch's default (the
+official code leaves its convs at the default too).
 Unlike lightly's DenseCL example, the momentum encoder computes the keys and the second queue holds
 image-level pooled keys, not pixels.
 """

@@ -62,7 +62,8 @@ POSITIVE_MAPS = {"spatial": ("spatial",), "similar": ("similar",), "both": ("spa
 
 def conv_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """1×1 conv in → hidden, ReLU, 1×1 conv → out (no BN): DiCoH's pixel projector and predictor."""
-    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, out_dim, 1))
+    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden_dim, out_dim, 1))
 
 
 def pooled_embedding(z: Tensor) -> Tensor:
@@ -142,7 +143,7 @@ def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, chun
 @register
 class DiCoH(Method):
     name = "dicoh"
-    paper = "DiCoH: Rethinking SSL pretraining for segmentation in homogeneous medical domains (seed paper §3)"
+    paper = "DiCoH: Rethinking SSL pretraining for segmentation in homogeneous medical domains (§3)"
     defaults = {"momentum": 0.99, "queue": 65536, "temperature": 0.2, "lambda": 0.5, "percentile": 75,
                 "positives": "both", "negatives": "image", "predictor": "sym", "global_projector": "shared",
                 "hidden_dim": 2048, "proj_dim": 128, "threshold": 0.7, "shuffle_bn": True}
@@ -157,7 +158,8 @@ class DiCoH(Method):
         c5, hidden, dim = ctx.feature_channels[-1], cfg["hidden_dim"], cfg["proj_dim"]
         self.projector = conv_mlp(c5, hidden, dim)
         self.predictor = conv_mlp(dim, hidden, dim) if cfg["predictor"] == "asym" else None
-        self.global_head = MoCoProjectionHead(c5, hidden, dim) if cfg["global_projector"] == "separate" else None
+        separate = cfg["global_projector"] == "separate"
+        self.global_head = MoCoProjectionHead(c5, hidden, dim) if separate else None
         self.target_backbone = make_target(self.backbone)
         self.target_projector = make_target(self.projector)
         self.target_global_head = make_target(self.global_head) if self.global_head is not None else None
@@ -250,14 +252,16 @@ class DiCoH(Method):
         on1, on2 = self.embed_online(views.x1), self.embed_online(views.x2)
         tg1, tg2 = self.embed_target(views.x1), self.embed_target(views.x2)
         keys, exclude = self.queue.keys.clone(), self.queue.exclusion_mask(ids)
-        t12 = self.direction_terms(on1, tg2, (views.box1, views.flip1, views.box2, views.flip2), keys, exclude)
-        t21 = self.direction_terms(on2, tg1, (views.box2, views.flip2, views.box1, views.flip1), keys, exclude)
+        geo1, geo2 = (views.box1, views.flip1), (views.box2, views.flip2)
+        t12 = self.direction_terms(on1, tg2, (*geo1, *geo2), keys, exclude)
+        t21 = self.direction_terms(on2, tg1, (*geo2, *geo1), keys, exclude)
         terms = {name: (t12[name] + t21[name]) / 2 for name in t12}
         local = sum(terms[kind] for kind in POSITIVE_MAPS[self.cfg["positives"]])
         lam = self.cfg["lambda"]
         loss = lam * local + (1.0 - lam) * terms["global"]
         self.enqueue(torch.cat([tg1[2], tg2[2]]), torch.cat([ids, ids]))
-        logs = {f"loss_{name}" if "valid" not in name else name: value.detach() for name, value in terms.items()}
+        logs = {name if name.endswith("_valid") else f"loss_{name}": value.detach()
+                for name, value in terms.items()}
         logs.update(loss=loss.detach(), loss_local=local.detach(), std=embedding_std(on1[2]),
                     pixel_std=embedding_std(on1[1].detach().flatten(2).transpose(1, 2).flatten(0, 1)))
         return loss, logs

@@ -8,11 +8,13 @@ Regularization"; its medical uses in Med-DisSeg (stage I and Disp-II) and Spectr
 - ``hinge`` (Eq. 5):            mean_{i≠j} max(0, δ − ‖h_i − h_j‖)²
 - ``cov``   (Eq. 6):            ‖C − diag(C)‖²_F,  C = H̃ᵀH̃/(B − 1), H̃ the centred batch
 
-``normalize=True`` divides squared distances by D (Wang & He's released code; ``l2`` and ``hinge``).
+``normalize=True`` divides squared distances by D (Wang & He's released code; ``l2`` and ``hinge``;
+``cos`` is scale-free) and, for ``cov``, the sum by D (VICReg's 1/d convention: on a flattened
+activation the D² off-diagonal entries would otherwise dwarf every other term).
 ``include_self=True`` reproduces Wang & He's released formula instead of the seeds' equations: the
 mean runs over all B² pairs including the diagonal (exp(0) = 1 for the log variants, δ² for hinge)
-and the log has no ε, so the loss bottoms out at log(1/B). ``cov`` has no pairs: both flags leave it
-alone. Minimising any variant pushes the batch apart; in the InfoNCE-style ``l2`` variant the force
+and the log has no ε, so the loss bottoms out at log(1/B). ``cov`` has no pairs: ``include_self``
+leaves it alone. Minimising any variant pushes the batch apart; in the InfoNCE-style ``l2`` variant the force
 between a pair is ∝ exp(−d²/τ)·d, so closer neighbours repel more (SpectraFlow Eq. 22) once
 d² > τ/2. Under DDP the batch is gathered across ranks (the local part keeps its gradient).
 
@@ -64,7 +66,7 @@ def dispersive_loss(h: Tensor, variant: str = "l2", tau: float = 0.5, margin: fl
     if b < 2:
         raise BenchError("the dispersive loss needs a batch of at least 2 samples; raise the batch size")
     if variant == "cov":
-        return offdiagonal_covariance(h)
+        return offdiagonal_covariance(h) / (d if normalize else 1)
     if variant == "cos":
         hn = F.normalize(h, dim=1)
         dist = 1.0 - hn @ hn.t()

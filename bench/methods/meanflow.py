@@ -7,8 +7,9 @@ Convention: t = 0 data, t = 1 noise. The latent is the online encoder's C5 map, 
 gradient reaches the encoder through z₀), ε ~ N(0, I):
     z_t = (1 − t)·z₀ + t·ε,   v = ε − z₀
 A small head u_θ(z, r, t) (residual conv blocks with GroupNorm — BatchNorm breaks ``torch.func.jvp`` —
-conditioned on sinusoidal embeddings of t and h = t − r → MLP → per-block scale/shift) predicts the
-average velocity. One JVP gives the prediction and its total time derivative along the flow:
+conditioned on sinusoidal embeddings of t and h = t − r → MLP → per-block scale/shift, plus a
+zero-initialised time-conditioned per-channel skip s ⊙ z around its width bottleneck, ``head_skip``)
+predicts the average velocity. One JVP gives the prediction and its total time derivative along the flow:
     (u, du/dt) = jvp(u_θ, (z_t, r, t), (v, 0, 1))            (fp32, outside autocast)
     u_tgt = sg(v − clip(t − r, 0, 1)·du/dt)                  (MeanFlow identity)
     Δ² = ‖u − u_tgt‖² summed per sample,  w = sg(1/(Δ² + c)^p),  L = mean(w·Δ²),  p = 1, c = 0.01
@@ -39,7 +40,6 @@ from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import register
 from bench.methods.base import Method, PretrainContext, embedding_std, make_target
-
 
 # --- the head u_θ(z, r, t) -------------------------------------------------------------------------
 

@@ -19,11 +19,13 @@ MoCo v2's MLP head). Key encoder f_k: an EMA copy of backbone + projector.
 
 Defaults (the papers): momentum 0.999, queue 65536 (capped at the pool size, see
 ``capped_queue_size``), temperature 0.2, proj_dim 128, hidden_dim 2048, shuffle_bn on. Views: recipe
-"mocov2" (RRC 0.2–1, jitter 0.4/0.4/0.4/0.1 p 0.8, grey 0.2, blur p 0.5, flip). Paper optimiser:
-SGD lr 0.03 (batch 256), momentum 0.9, wd 1e-4, cosine, 200 epochs (used only with --paper-optim).
+"mocov2" (RRC 0.2–1, jitter 0.4/0.4/0.4/0.1 p 0.8, grey 0.2, blur p 0.5, flip). The papers' optimiser
+(for reference; the preset's optimiser is used): SGD lr 0.03 for batch 256, momentum 0.9, wd 1e-4,
+cosine schedule, 200 epochs.
 
-lightly parts: ``MoCoProjectionHead``, ``batch_shuffle_distributed``/``batch_unshuffle_distributed``,
-``lightly.utils.dist.gather``; the queue and InfoNCE are the project's (``bench.methods.queue``).
+lightly parts: ``MoCoProjectionHead``, ``batch_shuffle_distributed``/``batch_unshuffle_distributed``;
+keys and ids are all-gathered across DDP ranks before enqueueing (``torch.distributed.all_gather``);
+the queue and InfoNCE are the project's (``bench.methods.queue``).
 """
 
 from __future__ import annotations

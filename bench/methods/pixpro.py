@@ -2,16 +2,16 @@
 Representation Learning", CVPR 2021 (official code: github.com/zdaxie/PixPro).
 
 Online: backbone → projector (1×1 conv C5→4096, BN, ReLU, 1×1 conv →256: the official ``MLP2d``) →
-pixel propagation module (PPM, Eq. 2 and the official ``featprop``):
+pixel propagation module (PPM, the paper's §3.2 and the official ``featprop``):
 
     y_i = Σ_j s(x_i, x_j) · ĝ(x_j),   s(x_i, x_j) = max(cos(x_i, x_j), 0)^γ,   γ = 2,
 
 with g one 1×1 conv 256→256 (``transform_layer=1``) and ĝ = g(x) L2-normalised per location before
 propagation; y is L2-normalised again. Target: EMA copy of backbone + projector, m₀ = 0.99 cosine to 1.
 
-Positive pairs (Eq. 1): cell i of view 1 and cell j of view 2 whose centres, in normalised source-image
+Positive pairs: cell i of view 1 and cell j of view 2 whose centres, in normalised source-image
 coordinates, are closer than T = 0.7 times the larger bin diagonal of the two views
-(``bench.augment.positive_pairs``; flips mirror the coordinates). Loss per direction (Eq. 3, official
+(``bench.augment.positive_pairs``; flips mirror the coordinates). Loss per direction (official
 ``regression_loss``): −2 · mean over images of Σ_ij M_ij cos(y_i, x′_j) / (Σ_ij M_ij + 1e-6), so an
 image without positives contributes 0; symmetrised over the two views.
 
@@ -66,7 +66,7 @@ def propagate(x: Tensor, value: Tensor, gamma: float) -> Tensor:
 
 
 class PixelPropagation(nn.Module):
-    """PPM (Eq. 2): g = one 1×1 conv, ĝ normalised, propagated with similarity exponent γ, y normalised."""
+    """PPM: g = one 1×1 conv, ĝ normalised, propagated with similarity exponent γ, y normalised."""
 
     def __init__(self, dim: int, gamma: float):
         super().__init__()

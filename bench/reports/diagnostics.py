@@ -392,7 +392,7 @@ def _fmt(value: float, metric: str) -> str:
     if not np.isfinite(value):
         return "–"
     if metric == "feature_variance":  # of order 1/D: three significant digits, not three decimals
-        return f"{value:.3g}"
+        return f"{value:#.3g}"
     return f"{value:.1f}" if metric == "effective_rank" else f"{value:.3f}"
 
 
