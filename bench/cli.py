@@ -151,19 +151,53 @@ def run(
     report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
 ) -> None:
-    """Pretrain, fine-tune and evaluate every cell of a benchmark (resumes what exists)."""
-    from bench.execute import run_benchmark, run_parallel, run_submitit
+    """Pretrain, fine-tune and evaluate every cell of a benchmark (resumes what exists).
+
+    Under ``torchrun --nproc_per_node N -m bench run ...`` the processes share the work: each
+    pretraining runs on all of them (DDP), the fine-tuning cells are split between them.
+    """
+    from bench import distributed
     from bench.protocol import resolve_device
 
     bench_spec = build_spec(spec, preset, methods, datasets, fractions, seeds, backbone, size, init,
                             precision, finetune_reg)
     out = out or Path("reports") / bench_spec.name
     target = resolve_device(device)
+    try:
+        if distributed.launched_by_torchrun():
+            target = _join_torchrun(target, workers, executor, bench_spec.pretrain.batch_size)
+        _run(bench_spec, out, target, device, force_new, workers, executor, partition, time_min, gpus, mem_gb,
+             diagnose, report, progress)
+    finally:
+        distributed.shutdown()
+
+
+def _join_torchrun(target, workers: int, executor: str, batch_size: int):
+    """Join torchrun's process group; only rank 0 prints. Returns this rank's device."""
+    from bench import distributed
+
+    if workers > 1 or executor != "local":
+        raise BenchError("under torchrun the processes share one benchmark; drop --workers/--executor, "
+                         "or run bench without torchrun")
+    distributed.init_from_env(target)
+    if not distributed.is_main():
+        console.quiet = err_console.quiet = True
+    distributed.per_rank_batch(batch_size)
+    return distributed.local_device(target)
+
+
+def _run(bench_spec, out: Path, target, device: str, force_new: bool, workers: int, executor: str,
+         partition: str | None, time_min: int, gpus: int, mem_gb: int, diagnose: bool, report: bool,
+         progress: bool) -> None:
+    from bench import distributed
+    from bench.execute import run_benchmark, run_parallel, run_submitit
+
     console.print(f"[bold]{bench_spec.name}[/bold]: {len(bench_spec.methods)} method(s) × "
                   f"{len(bench_spec.datasets)} dataset(s) × fractions {list(bench_spec.fractions)} × seeds "
                   f"{list(bench_spec.seeds)} on {target} → {out}")
     if executor == "local" and workers <= 1:
-        summary = run_benchmark(bench_spec, out, target, RichReporter(progress), force_new=force_new)
+        summary = run_benchmark(bench_spec, out, target, RichReporter(progress and distributed.is_main()),
+                                force_new=force_new)
     elif executor == "local":
         summary = run_parallel(bench_spec, out, target, workers, RichReporter(progress), force_new=force_new)
     elif executor in ("slurm", "submitit-local"):
@@ -178,6 +212,10 @@ def run(
             return
     else:
         raise BenchError(f"--executor {executor!r} unknown; use local, slurm or submitit-local")
+    if not distributed.is_main():  # rank 0 prints the summary and writes the report
+        if not summary.ok:
+            raise typer.Exit(1)
+        return
     _print_summary(summary, bench_spec)
     if diagnose:
         from bench.execute import diagnose_run

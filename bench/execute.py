@@ -1,9 +1,18 @@
 """Executors: run a grid's pretrain jobs and finetune cells, in dependency order, writing one record
 per finished cell. A job or cell that fails is recorded with its reason and the run goes on; the
-caller exits non-zero at the end."""
+caller exits non-zero at the end.
+
+Under ``torchrun`` (``bench.distributed``) ``run_benchmark`` runs on every rank: each pretrain job is
+trained by all ranks together (DDP; rank 0 writes its files), then the finetune cells are split over
+the ranks (cell i on rank i % world), and rank 0 writes results.csv and run.json. There, only the
+failures that strike every rank alike (a non-finite global loss, a ``BenchError``) are recorded
+as a failed job; any other error in a pretraining ends the run (torchrun stops every process;
+rerun the command to resume), because the other ranks are left waiting in a collective.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from collections.abc import Callable
@@ -14,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import datasets
+from bench import datasets, distributed
 from bench.errors import BenchError
 from bench.grid import FinetuneCell, Grid, PretrainJob, build_grid
 from bench.models import imagenet_weights_available
@@ -123,33 +132,45 @@ class Runner:
         return self.spec.finetune.num_steps(len(chosen))
 
     def ensure_job(self, job: PretrainJob | None) -> str | None:
-        """Run a pretrain job unless its checkpoint exists; return the failure reason, if any."""
+        """Run a pretrain job unless its checkpoint exists; return the failure reason, if any.
+
+        Under torchrun every rank calls this for every job and they train it together; rank 0 decides
+        whether it exists, writes its files and counts it, the others wait until the files are there.
+        """
         if job is None:
             return None
         steps = self.job_steps(job)
-        if self.store.job_done(job.id):
+        main = distributed.is_main()
+        if distributed.broadcast_object(self.store.job_done(job.id)):
             self.reporter.skip(steps)
-            self.reused += 1
+            if main:
+                self.reused += 1
             return None
         self.reporter.task(f"pretrain {job.method.label} on {job.pool}", steps)
         spec = self.spec
         try:
-            with self.store.running(job.id):
+            with self.store.running(job.id) if main else contextlib.nullcontext():
                 result = pretrain(job.method, self.data.pool(job.dataset, spec.pretrain.size), spec.pretrain,
                                   spec.backbone, spec.init, job.seed, self.device, self.precision,
                                   self._labelled(job), progress=self.reporter.advance)
-        except (NonFiniteLoss, BenchError, RuntimeError, ValueError) as err:
+        except _recorded_errors() as err:
             reason = _reason(err)
-            self.store.mark_job(job.id, job.config, error=reason)
-            self.failures.append((f"pretrain {job.method.label} ({job.id})", reason))
+            if main:
+                self.store.mark_job(job.id, job.config, error=reason)
+                self.failures.append((f"pretrain {job.method.label} ({job.id})", reason))
             self.reporter.message(f"[red]pretrain {job.method.label} failed:[/red] {reason}")
+            distributed.barrier()
             return reason
-        save_tensors(self.store.checkpoint(job.id), result.state)
-        write_atomic(self.store.job_dir(job.id) / "log.csv", _csv(result.log))
-        cost = {"seconds": result.seconds, "steps": result.steps, "images_per_s": result.images_per_s,
-                "precision": self.precision, "device": str(self.device)}
-        self.store.mark_job(job.id, {**job.config, "result": cost, **self.env})
-        self.ran += 1
+        if main:
+            save_tensors(self.store.checkpoint(job.id), result.state)
+            write_atomic(self.store.job_dir(job.id) / "log.csv", _csv(result.log))
+            cost = {"seconds": result.seconds, "steps": result.steps, "images_per_s": result.images_per_s,
+                    "precision": self.precision, "device": str(self.device)}
+            if distributed.active():
+                cost["processes"] = distributed.world_size()
+            self.store.mark_job(job.id, {**job.config, "result": cost, **self.env})
+            self.ran += 1
+        distributed.barrier()
         return None
 
     def _labelled(self, job: PretrainJob) -> LabelledBatchSource | None:
@@ -217,6 +238,8 @@ class Runner:
             "labelled": {"n": len(chosen), "hash": datasets.split_hash(chosen),
                          "ids": [ds.ids[i] for i in chosen]},
             "data_fingerprint": ds.fingerprint, **self.env,
+            **({"process": {"rank": distributed.rank(), "world_size": distributed.world_size()}}
+               if distributed.active() else {}),
         }
 
     def finish(self, grid: Grid, notes: list[str]) -> None:
@@ -243,16 +266,29 @@ def prepare(spec: BenchmarkSpec, out: Path, device: torch.device, reporter: Repo
     grid = build_grid(spec, baseline_skips(spec))
     runner = Runner(spec, out, device, reporter, cache_dir)
     steps = {**{j.id: runner.job_steps(j) for j in grid.jobs}, **{c.id: runner.cell_steps(c) for c in grid.cells}}
-    Store(out).claim(spec.to_dict(), force_new=force_new)
+    if not distributed.active():
+        Store(out).claim(spec.to_dict(), force_new=force_new)
+        return grid, runner, steps
+    error = None
+    if distributed.is_main():  # one rank binds the folder; all learn whether it could
+        try:
+            Store(out).claim(spec.to_dict(), force_new=force_new)
+        except BenchError as err:
+            error = str(err)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise BenchError(error)
     return grid, runner, steps
 
 
 def run_benchmark(spec: BenchmarkSpec, out: Path, device: torch.device, reporter: Reporter | None = None,
                   force_new: bool = False, cache_dir: Path | None = None) -> RunSummary:
     """Run (or resume) every pretrain job and finetune cell of ``spec`` into ``out``, sequentially,
-    each job followed by the cells that use its checkpoint."""
+    each job followed by the cells that use its checkpoint. Under torchrun: ``run_distributed``."""
     grid, runner, steps = prepare(spec, out, device, reporter, force_new, cache_dir)
     summary = RunSummary(out, grid, notes=[f"{m} left out: {why}" for m, why in grid.left_out])
+    if distributed.active():
+        return run_distributed(grid, runner, steps, summary)
     start = time.perf_counter()
     runner.reporter.start(sum(steps.values()))
     try:
@@ -266,6 +302,41 @@ def run_benchmark(spec: BenchmarkSpec, out: Path, device: torch.device, reporter
         summary.seconds = time.perf_counter() - start
         summary.ran, summary.reused, summary.failures = runner.ran, runner.reused, runner.failures
     return summary
+
+
+def run_distributed(grid: Grid, runner: Runner, steps: dict[str, int], summary: RunSummary) -> RunSummary:
+    """Every rank: the pretrain jobs together (DDP), then cell i on rank i % world; after every rank's
+    cells are done, rank 0 writes results.csv and run.json with the failures of all ranks."""
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = [cell for i, cell in enumerate(grid.cells) if i % world == rank]
+    start = time.perf_counter()
+    runner.reporter.start(sum(steps[j.id] for j in grid.jobs) + sum(steps[c.id] for c in mine))
+    try:
+        job_errors = {job.id: runner.ensure_job(job) for job in grid.jobs}
+        for cell in mine:
+            runner.run_cell(cell, job_errors.get(cell.pretrain_id))
+    except BaseException:
+        runner.reporter.stop()
+        if distributed.is_main():  # derived tables from the records on disk, as far as they go
+            runner.finish(grid, summary.notes)
+        raise
+    runner.reporter.stop()
+    parts = distributed.gather_objects((runner.failures, runner.ran, runner.reused))  # waits for all cells
+    runner.failures = [failure for part in parts for failure in part[0]]
+    summary.failures = runner.failures
+    summary.ran, summary.reused = sum(part[1] for part in parts), sum(part[2] for part in parts)
+    if distributed.is_main():
+        runner.finish(grid, summary.notes)
+    distributed.barrier()  # results.csv and run.json exist when any rank returns
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _recorded_errors() -> tuple[type[BaseException], ...]:
+    """Pretraining errors recorded as a failed job (module docstring: fewer under torchrun)."""
+    if distributed.active():
+        return NonFiniteLoss, BenchError
+    return NonFiniteLoss, BenchError, RuntimeError, ValueError
 
 
 def _job_cost(store: Store, job_id: str | None) -> dict[str, Any]:

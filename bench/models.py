@@ -50,12 +50,25 @@ class SegmentationModel(nn.Module):
 
 
 def imagenet_weights_available(name: str) -> tuple[bool, str]:
-    """Whether timm's ImageNet weights for ``name`` can be loaded offline (hub cache), and why not."""
+    """Whether timm's ImageNet weights for ``name`` are on this machine (Hugging Face hub cache or
+    torch hub cache), and why not. Looks at the caches only: nothing is downloaded."""
     try:
-        timm.create_model(name, pretrained=True, features_only=True)
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        return False, f"timm has no ImageNet weights for {name}"
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in ("model.safetensors", "pytorch_model.bin", cfg.hf_hub_filename):
+            if filename and isinstance(try_to_load_from_cache(repo, filename), str):
+                return True, ""
+    if cfg.url and (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file():
         return True, ""
-    except Exception as err:  # no network and nothing cached: any of several exception types
-        return False, f"ImageNet weights for {name} are not available offline ({type(err).__name__})"
+    return False, (f"ImageNet weights for {name} are not in the local hub cache (no download at run time; "
+                   f"put {cfg.hf_hub_id or cfg.url} in the Hugging Face cache to use them)")
 
 
 def build_segmentation_model(backbone_name: str, init: str, output_stride: int = 16) -> SegmentationModel:

@@ -3,6 +3,9 @@
 The protocol owns the loop, the optimiser and its schedule, mixed precision and checkpointing;
 a method only turns a batch of views into a loss. Batches are sampled from uint8 tensors held in
 memory (on the GPU when there is one) and augmented there as whole batches.
+
+Under ``torchrun`` (``bench.distributed``) ``pretrain`` trains one model on several processes: each
+takes its shard of every global batch, draws its own views, and DDP averages the gradients.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench import augment
+from bench import augment, distributed
 from bench.errors import BenchError
 from bench.methods import build_method
 from bench.methods.base import Method, PretrainContext
@@ -30,6 +33,7 @@ from bench.models import build_segmentation_model, create_backbone, feature_chan
 from bench.spec import Schedule
 
 Progress = Callable[[int], None]  # called with the number of steps just done
+TOTAL_LOSS = "__total_loss__"  # the optimised loss (with modifiers' terms) among the all-reduced logs
 
 
 class NonFiniteLoss(RuntimeError):
@@ -84,11 +88,12 @@ def prepare_module(module: nn.Module, device: torch.device) -> nn.Module:
 # --- optimiser ------------------------------------------------------------------------------------
 
 def make_optimizer(params: list[nn.Parameter], schedule: Schedule) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9), Adam or AdamW; fused kernels (one pass over all tensors, not one per tensor)."""
     if schedule.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=schedule.lr, momentum=0.9, weight_decay=schedule.weight_decay)
-    if schedule.optimizer == "adam":
-        return torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+        return torch.optim.SGD(params, lr=schedule.lr, momentum=0.9, weight_decay=schedule.weight_decay,
+                               foreach=True)
+    adam = torch.optim.Adam if schedule.optimizer == "adam" else torch.optim.AdamW
+    return adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay, fused=True)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -138,36 +143,48 @@ class LabelledBatchSource:
 def pretrain(method_spec, pool: Tensor, schedule: Schedule, backbone_name: str, init: str, seed: int,
              device: torch.device, precision: str, labelled: LabelledBatchSource | None = None,
              progress: Progress | None = None, log_every: int = 10) -> PretrainResult:
-    """Pretrain a backbone with one method on ``pool`` (N, 3, S, S) uint8; return the exported weights."""
+    """Pretrain a backbone with one method on ``pool`` (N, 3, S, S) uint8; return the exported weights.
+
+    Under torchrun every rank calls this with the same arguments: the global batch
+    (``schedule.batch_size``) is split over the ranks, gradients are averaged (DDP), and the loss and
+    logs are the global ones (all-reduced on log steps). Every rank returns the same weights.
+    """
     torch.manual_seed(seed)
     aligned = labelled is not None and method_spec.cls.trains_on_labelled
     source = labelled.images if aligned else pool
-    batch_size = min(schedule.batch_size, max(2, len(source)))
+    batch_size = min(schedule.batch_size, max(2, len(source)))  # global: summed over the ranks
+    distributed.per_rank_batch(batch_size)  # under torchrun: fail before building if it does not split
     steps = schedule.num_steps(len(source))
     method = build_pretrain_method(method_spec, backbone_name, init, schedule.size, len(source), batch_size,
                                    steps, device)
     optimizer = make_optimizer([p for p in method.parameters() if p.requires_grad], schedule)
+    forward = distributed.wrap_step(method, device) if distributed.active() else None
+    if distributed.rank() > 0:  # the methods' own draws (noise, shuffles) differ per rank; rank 0 as alone
+        torch.manual_seed(distributed.rank_seed(seed))
     source = source.to(device)
-    cpu_gen = torch.Generator().manual_seed(seed)
-    view_gen = torch.Generator(device=device).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed)  # the same global batches on every rank
+    view_gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))
     label_masks = None if labelled is None else labelled.masks.to(device)
     mask_gen = torch.Generator().manual_seed(seed + 1)
     log: list[dict[str, float]] = []
     start = time.perf_counter()
-    for step, idx in enumerate(batches(len(source), batch_size, steps, cpu_gen)):
+    for step, batch in enumerate(batches(len(source), batch_size, steps, cpu_gen)):
+        idx = distributed.shard(batch).to(device)
         masks = None
         if aligned:  # the method trains on the labelled subset itself (Med-DisSeg stage I)
-            masks = label_masks[idx.to(device)]
+            masks = label_masks[idx]
         elif label_masks is not None:  # pool images plus a batch of labelled masks as extra inputs
-            masks = label_masks[torch.randint(len(label_masks), (batch_size,), generator=mask_gen).to(device)]
+            drawn = torch.randint(len(label_masks), (batch_size,), generator=mask_gen)
+            masks = label_masks[distributed.shard(drawn).to(device)]
         set_lr(optimizer, schedule, step, steps)
-        views = method.make_views(source[idx.to(device)], idx.to(device), view_gen, masks=masks)
-        loss, logs = pretrain_step(method, optimizer, views, step, device, precision)
+        views = method.make_views(source[idx], idx, view_gen, masks=masks)
+        loss, logs = pretrain_step(method, optimizer, views, step, device, precision, forward)
         if step % log_every == 0 or step == steps - 1:
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"{method_spec.label}: loss became {value} at pretraining step {step}")
-            log.append({"step": step, **{k: float(v) for k, v in logs.items()}})
+            values = distributed.mean_across_ranks({**logs, TOTAL_LOSS: loss})
+            total = values.pop(TOTAL_LOSS)
+            if not math.isfinite(total):  # the global loss: every rank stops here alike
+                raise NonFiniteLoss(f"{method_spec.label}: loss became {total} at pretraining step {step}")
+            log.append({"step": step, **values})
         if progress:
             progress(1)
     sync_device(device)
@@ -177,24 +194,32 @@ def pretrain(method_spec, pool: Tensor, schedule: Schedule, backbone_name: str, 
 
 def build_pretrain_method(method_spec, backbone_name: str, init: str, size: int, pool_size: int,
                           batch_size: int, steps: int, device: torch.device) -> Method:
-    """The method around a fresh backbone (stride and init as the method and spec ask), on ``device``."""
+    """The method around a fresh backbone (stride and init as the method and spec ask), on ``device``.
+
+    ``batch_size`` is the global batch (all ranks together): the keys a queue receives per step.
+    """
     cls = method_spec.cls
     backbone = create_backbone(backbone_name, pretrained=(init == "imagenet"), output_stride=cls.output_stride)
     if init not in ("scratch", "imagenet"):
         load_backbone_file(backbone, Path(init))
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     ctx = PretrainContext(feature_channels=feature_channels(backbone), total_steps=steps, batch_size=batch_size,
-                          pool_size=pool_size, image_size=size, distributed=distributed)
+                          pool_size=pool_size, image_size=size, distributed=distributed.active())
     method = prepare_module(build_method(method_spec, backbone, ctx), device)
     method.train()
     return method
 
 
 def pretrain_step(method: Method, optimizer: torch.optim.Optimizer, views: augment.Views, step: int,
-                  device: torch.device, precision: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward under autocast, backward, optimiser step, EMA update. No host synchronisation."""
+                  device: torch.device, precision: str,
+                  forward: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward under autocast, backward, optimiser step, EMA update. No host synchronisation.
+
+    ``forward``: the DDP-wrapped step under torchrun (its backward averages the gradients across
+    ranks); ``method.step`` otherwise.
+    """
     with autocast(device, precision):
-        loss, logs = method.step(views, step)
+        loss, logs = (forward or method.step)(views, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

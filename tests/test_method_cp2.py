@@ -77,7 +77,8 @@ def test_make_views_composites_foreground_onto_other_images():
     fg = augment.make_views(images, "mocov2", 64, g, image_ids=ids)
     bg = augment.make_views(images.roll(1, dims=0), "mocov2", 64, g)
     bg_q, bg_k = bg.x1, bg.x2.roll(1, dims=0)  # q over image i−1, k over image i−2
-    for x, paste, fore, back in ((views.x1, views.paste1, fg.x1, bg_q), (views.x2, views.paste2, fg.x2, bg_k)):
+    cases = ((views.x1, views.paste1, fg.x1, bg_q), (views.x2, views.paste2, fg.x2, bg_k))
+    for x, paste, fore, back in cases:
         assert paste.shape == (4, 1, 64, 64) and set(paste.unique().tolist()) <= {0.0, 1.0}
         assert 0.5 <= paste.mean().item() <= 0.8
         inside = paste.bool().expand_as(x)
@@ -238,7 +239,7 @@ def test_short_run_lowers_the_loss():
     dozen steps on these near-identical synthetic images (measured), so the views are drawn once: the
     run checks that the whole step (online, EMA key branch, queue) can lower the loss."""
     torch.manual_seed(0)
-    method = build(batch_size=4, total_steps=20, pool_size=8, image_size=48)
+    method = build(batch_size=4, total_steps=12, pool_size=8, image_size=48)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     images, g = random_images(8, 48, seed=3), torch.Generator().manual_seed(0)
     batches = [method.make_views(images[ids], ids, g) for ids in torch.arange(8).split(4)]
@@ -246,7 +247,7 @@ def test_short_run_lowers_the_loss():
         for views in batches:
             method._enqueue(method._keys(views.x2, method.cell_masks(views.paste2, 3, 3))[1], views.image_ids)
     losses = []
-    for step in range(20):
+    for step in range(12):
         loss, _ = method.step(batches[step % 2], step)
         opt.zero_grad()
         loss.backward()

@@ -456,16 +456,23 @@ def test_export_is_the_online_backbone_and_loads_strictly():
 
 
 def test_short_run_lowers_the_loss():
+    """20 steps of the real pipeline (dicoh views, shuffle-BN, queue, SGD) on 16 small images.
+
+    The target is frozen (momentum=1, a valid override) and the queue starts full of real keys: with a
+    moving EMA target and a queue refreshed every two steps, a 20-step run on 16 images is dominated by
+    stale-key effects (random initial keys are easy negatives), so only a stationary objective shows
+    whether the online branch descends the DiCoH loss (global + spatial + similar with hard negatives).
+    """
     torch.manual_seed(0)
-    images = random_images(n=16, size=64, seed=0)
-    method = make_dicoh(batch_size=4, pool_size=16, total_steps=24, shuffle_bn="true")
-    with torch.no_grad():  # start from a queue of real keys: random initial keys are easy negatives, and
-        # the jump in loss when they are replaced is not learning
+    images = random_images(n=16, size=48, seed=0)
+    method = make_dicoh(batch_size=4, pool_size=16, image_size=48, total_steps=20, shuffle_bn="true",
+                        momentum=1.0)
+    with torch.no_grad():
         method.enqueue(method.embed_target(to_input(images))[2], torch.arange(16))
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.02)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(24):
+    for step in range(20):
         ids = torch.arange(4) + 4 * (step % 4)
         views = method.make_views(images[ids], ids, generator)
         loss, _ = method.step(views, step)
@@ -474,4 +481,4 @@ def test_short_run_lowers_the_loss():
         optimizer.step()
         method.after_optimizer_step(step)
         losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses

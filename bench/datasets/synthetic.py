@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-GENERATOR_VERSION = 1  # bump whenever a generator's output changes (part of the cache key)
+GENERATOR_VERSION = 3  # bump whenever a generator's output changes (part of the cache key)
 CHUNK = 32
 
 Arrays = tuple[np.ndarray, np.ndarray]
@@ -131,7 +131,14 @@ def _polyp_chunk(rng: np.random.Generator, n: int, size: int) -> Arrays:
     return _to_uint8(image), mask
 
 
-def _gland_chunk(rng: np.random.Generator, n: int, size: int, cells: int = 3) -> Arrays:
+def glands_per_side(size: int) -> int:
+    """Glands per row and column: fewer at small sizes, so that a gland stays ≥ ~20 px across and a
+    stride-16 segmentation model can resolve it (at 64 px, 3×3 glands would be ~10 px wide)."""
+    return 2 if size < 80 else 3 if size < 192 else 4
+
+
+def _gland_chunk(rng: np.random.Generator, n: int, size: int, cells: int | None = None) -> Arrays:
+    cells = cells or glands_per_side(size)
     yy, xx = _grid(size)
     px = 1.0 / size
     stroma_base = np.array([0.91, 0.64, 0.77], np.float32) + rng.normal(0, 0.02, (n, 3)).astype(np.float32)
@@ -144,8 +151,8 @@ def _gland_chunk(rng: np.random.Generator, n: int, size: int, cells: int = 3) ->
             present = _uniform(rng, 0, 1, n) < 0.85
             cy = (i + 0.5) / cells + _uniform(rng, -0.05, 0.05, n)
             cx = (j + 0.5) / cells + _uniform(rng, -0.05, 0.05, n)
-            semi_minor = _uniform(rng, 0.07, 0.115, n)
-            semi_major = np.minimum(semi_minor * _uniform(rng, 1.0, 1.6, n), 0.16)
+            semi_minor = _uniform(rng, 0.07, 0.115, n) * 3 / cells   # glands fill their cell alike
+            semi_major = np.minimum(semi_minor * _uniform(rng, 1.0, 1.6, n), 0.16 * 3 / cells)
             angle = _uniform(rng, 0, np.pi, n)
             dy, dx = yy - cy, xx - cx
             u = dx * np.cos(angle) + dy * np.sin(angle)

@@ -95,8 +95,11 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         """EMA update of every (online, target) pair, after the optimiser step."""
+        pairs = self.momentum_pairs()
+        if not pairs:
+            return
         m = self.momentum_at(step)
-        for online, target in self.momentum_pairs():
+        for online, target in pairs:
             ema_update(online, target, m)
 
     def export(self) -> dict[str, dict[str, Tensor]]:

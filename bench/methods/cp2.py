@@ -71,8 +71,9 @@ def cp2_dense_loss(q: Tensor, k: Tensor, mask_q: Tensor, mask_k: Tensor) -> Tens
     """CP2's dense loss: −log softmax over query locations x of cos(q_x, k_y), averaged over fg–fg pairs.
 
     q, k: (B, D, N) dense embeddings (normalised here); mask_q, mask_k: (B, N) foreground masks in
-    [0, 1] (``mask_at_cells`` gives a fraction where a cell centre falls on the rectangle's edge). No temperature. Per image the mean over pairs (x, y) weighted by mask_q(x)·mask_k(y), then
-    the mean over the batch; an image without a foreground pair contributes 0.
+    [0, 1] (``mask_at_cells`` gives a fraction where a cell centre falls on the rectangle's edge).
+    No temperature. Per image the mean over pairs (x, y) weighted by mask_q(x)·mask_k(y), then the
+    mean over the batch; an image without a foreground pair contributes 0.
     """
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.detach().float(), dim=1)

@@ -127,8 +127,9 @@ def concat_all_gather(x: Tensor) -> Tensor:
 
 def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, chunks: int,
                      distributed: bool = False) -> tuple[Tensor, ...]:
-    """Run ``fn`` with shuffle-BN: on a permuted batch (across ranks under DDP, else in ``chunks``
-    sub-batches of one device, so BN statistics never see a sample's own positive pair), then unpermute."""
+    """Run the key encoder ``fn`` with shuffle-BN (MoCo): on a permuted batch, across ranks under DDP, else
+    in ``chunks`` sub-batches on one device, so that its BN statistics come from other samples than the query
+    encoder's (no intra-batch shortcut); outputs are returned in the original order."""
     if distributed and dist.is_available() and dist.is_initialized():
         shuffled, restore = batch_shuffle_distributed(x)
         return tuple(batch_unshuffle_distributed(out, restore) for out in fn(shuffled))

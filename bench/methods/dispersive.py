@@ -16,7 +16,10 @@ mean runs over all B² pairs including the diagonal (exp(0) = 1 for the log vari
 and the log has no ε, so the loss bottoms out at log(1/B). ``cov`` has no pairs: ``include_self``
 leaves it alone. Minimising any variant pushes the batch apart; in the InfoNCE-style ``l2`` variant the force
 between a pair is ∝ exp(−d²/τ)·d, so closer neighbours repel more (SpectraFlow Eq. 22) once
-d² > τ/2. Under DDP the batch is gathered across ranks (the local part keeps its gradient).
+d² > τ/2. Under DDP (``distributed=True``) the loss is computed on the batch gathered from all
+ranks with lightly's ``GatherLayer``, whose backward sums the gradients that every rank's (equal)
+loss sends to each slice: after DDP averages the gradients, they are exactly those of the one loss on
+the global batch (a detached gather would give only 1/world of them).
 
 Uses here:
 - the ``+disp`` modifier on any method (``DispersiveModifier``): the chosen stage(s) of the method's
@@ -24,7 +27,7 @@ Uses here:
   ``early``) with ``normalize=True`` and ``pool=flatten`` (Wang & He: the whole activation);
   SpectraFlow's stage 1 is ``meanflow+disp:weight=0.4,layer=penultimate``;
 - ``finetune_dispersive`` / ``finetune_regulariser``: Med-DisSeg's Disp-II on the fine-tuning
-  encoder (λ₂ = 0.6);
+  encoder (λ₂ = 0.6; a fine-tuning cell runs in one process, so this batch is never gathered);
 - the ``dispersive`` registry entry: Med-DisSeg stage I (``MedDisSegStageI``): encoder + a light
   1×1-conv prediction head trained with Dice + BCE on the labelled subset under strong photometric
   perturbation, plus λ₁ = 0.2 · ``l2`` (τ = 0.8) on the first stage. Only the encoder is exported.
@@ -37,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightly.utils import dist as lightly_dist
 from torch import Tensor, nn
 
 from bench.augment import Views
@@ -52,8 +56,10 @@ POOLS = ("flatten", "gap")
 # --- the loss --------------------------------------------------------------------------------------
 
 def dispersive_loss(h: Tensor, variant: str = "l2", tau: float = 0.5, margin: float = 1.0,
-                    eps: float = 1e-8, normalize: bool = False, include_self: bool = False) -> Tensor:
+                    eps: float = 1e-8, normalize: bool = False, include_self: bool = False,
+                    distributed: bool = False) -> Tensor:
     """Dispersive loss of a batch h (B, D) (module docstring); a scalar, lower = more dispersed.
+    ``distributed``: under DDP, the loss of all ranks' batches together (``gather_batch``).
 
     Example:
         >>> dispersive_loss(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), "l2", tau=1.0)  # log(e^-1 + 1e-8)
@@ -61,7 +67,7 @@ def dispersive_loss(h: Tensor, variant: str = "l2", tau: float = 0.5, margin: fl
     """
     if variant not in VARIANTS:
         raise BenchError(f"dispersive variant {variant!r} unknown; choose one of {', '.join(VARIANTS)}")
-    h = gather_batch(h.flatten(1).float())
+    h = gather_batch(h.flatten(1).float(), distributed)
     b, d = h.shape
     if b < 2:
         raise BenchError("the dispersive loss needs a batch of at least 2 samples; raise the batch size")
@@ -101,15 +107,13 @@ def offdiagonal_covariance(h: Tensor) -> Tensor:
     return (gram.pow(2).sum() - diagonal.pow(2).sum()) / scale
 
 
-def gather_batch(h: Tensor) -> Tensor:
-    """Under DDP, all ranks' batches concatenated; the local slice keeps its autograd graph."""
+def gather_batch(h: Tensor, distributed: bool = False) -> Tensor:
+    """With ``distributed`` under DDP: all ranks' batches concatenated in rank order, through lightly's
+    ``GatherLayer`` (backward: the gradients of every rank's loss summed into each slice); else ``h``."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (distributed and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return h
-    parts = [torch.empty_like(h) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, h.detach().contiguous())
-    parts[dist.get_rank()] = h
-    return torch.cat(parts)
+    return torch.cat(lightly_dist.gather(h.contiguous()))
 
 
 def pool_features(x: Tensor, pool: str) -> Tensor:
@@ -173,6 +177,7 @@ class DispersiveModifier(Modifier):
     def __init__(self, method: Method, cfg: dict[str, Any]):
         super().__init__(method, cfg)
         self.captured: dict[int, Tensor] = {}
+        self.distributed = method.ctx.distributed
         self._handles = []
         modules = stage_modules(method.backbone)
         num_stages = len(modules) if modules else len(method.ctx.feature_channels)
@@ -205,7 +210,7 @@ class DispersiveModifier(Modifier):
         cfg = self.cfg
         value = sum(dispersive_loss(pool_features(self.captured[i], cfg["pool"]), cfg["variant"],
                                     cfg["tau"], cfg["margin"], cfg["eps"], cfg["normalize"],
-                                    cfg["include_self"]) for i in self.indices)
+                                    cfg["include_self"], self.distributed) for i in self.indices)
         first = pool_features(self.captured[self.indices[0]].detach(), cfg["pool"])
         logs = {"disp": value.detach(), "disp_sqdist": mean_sq_dist(first, cfg["normalize"])}
         self.captured = {}
@@ -294,7 +299,7 @@ class MedDisSegStageI(Method):
         cfg = self.cfg
         disp = stage_dispersive(features, cfg["layer"], cfg["pool"], variant=cfg["variant"], tau=cfg["tau"],
                                 margin=cfg["margin"], normalize=cfg["normalize"],
-                                include_self=cfg["include_self"])
+                                include_self=cfg["include_self"], distributed=self.ctx.distributed)
         loss = seg + cfg["weight"] * disp
         return loss, {"loss": loss.detach(), "seg": seg.detach(), "disp": disp.detach(),
                       "std": embedding_std(features[-1].mean(dim=(2, 3)))}
