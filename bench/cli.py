@@ -140,6 +140,7 @@ def run(
     init: Annotated[str | None, typer.Option(help="Backbone init of SSL methods: scratch, imagenet or a file")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32")] = None,
     finetune_reg: Annotated[str | None, typer.Option(help="Finetune regulariser: none or disp")] = None,
+    compile_models: Annotated[bool, typer.Option("--compile", help="torch.compile backbone and model")] = False,
     force_new: Annotated[bool, typer.Option(help="Use --out even if it holds another spec's records")] = False,
     workers: Annotated[int, typer.Option(help="Run independent jobs and cells in N local processes")] = 1,
     executor: Annotated[str, typer.Option(help="local, slurm, or submitit-local (SLURM's path, run here)")] = "local",
@@ -161,6 +162,8 @@ def run(
 
     bench_spec = build_spec(spec, preset, methods, datasets, fractions, seeds, backbone, size, init,
                             precision, finetune_reg)
+    if compile_models:
+        bench_spec = bench_spec.replace(compile=True)
     out = out or Path("reports") / bench_spec.name
     target = resolve_device(device)
     try:

@@ -152,7 +152,7 @@ class Runner:
             with self.store.running(job.id) if main else contextlib.nullcontext():
                 result = pretrain(job.method, self.data.pool(job.dataset, spec.pretrain.size), spec.pretrain,
                                   spec.backbone, spec.init, job.seed, self.device, self.precision,
-                                  self._labelled(job), progress=self.reporter.advance)
+                                  self._labelled(job), progress=self.reporter.advance, compile_model=spec.compile)
         except _recorded_errors() as err:
             reason = _reason(err)
             if main:
@@ -207,7 +207,7 @@ class Runner:
             with self.store.running(cell.id):
                 result = finetune(init, spec.backbone, ds.images, ds.masks, chosen, ds.test, ds.ids, spec.finetune,
                                   cell.seed, self.device, self.precision, progress=self.reporter.advance,
-                                  regulariser=_finetune_regulariser(spec))
+                                  regulariser=_finetune_regulariser(spec), compile_model=spec.compile)
         except (NonFiniteLoss, BenchError, RuntimeError, ValueError) as err:
             reason = _reason(err)
             self.store.write_cell(cell.id, {**base, "status": "failed", "error": reason})
@@ -232,6 +232,7 @@ class Runner:
             "cell_id": cell.id, "method": cell.label, "dataset": dataset_label(cell.dataset),
             "fraction": cell.fraction, "seed": cell.seed, "pretrain_id": cell.pretrain_id,
             "config": cell.config, "precision": self.precision, "device": str(self.device),
+            "compiled": self.spec.compile,
             "split": {"kind": ds.split, "train_hash": datasets.split_hash(ds.train),
                       "test_hash": datasets.split_hash(ds.test), "n_train": len(ds.train),
                       "n_test": len(ds.test)},
@@ -493,16 +494,14 @@ def run_submitit(spec: BenchmarkSpec, out: Path, device: str, cluster: str | Non
     executor.update_parameters(**(parameters or {}))
     args = (spec.to_dict(), str(out))
     start = time.perf_counter()
-    with executor.batch():
-        job_tasks = [executor.submit(run_item, *args, "job", j.id, device) for j in jobs]
+    job_tasks = _submit_array(executor, [(*args, "job", j.id, device) for j in jobs])
     if cluster == "local":
         for task in job_tasks:
             summary.failures.extend(_task_failures(task))
     elif job_tasks:
         ids = ":".join(str(t.job_id) for t in job_tasks)
         executor.update_parameters(slurm_additional_parameters={"dependency": f"afterany:{ids}"})
-    with executor.batch():
-        cell_tasks = [executor.submit(run_item, *args, "cell", c.id, device) for c in cells]
+    cell_tasks = _submit_array(executor, [(*args, "cell", c.id, device) for c in cells])
     if cluster == "local":
         for task in cell_tasks:
             summary.failures.extend(_task_failures(task))
@@ -575,3 +574,11 @@ def diagnose_run(out: Path, seed: int = 0, max_pixels: int = 2000, max_images: i
     table = pd.concat(frames, ignore_index=True)
     write_atomic(target / "diagnostics.csv", table.to_csv(index=False))
     return [target / "diagnostics.csv", *files]
+
+
+def _submit_array(executor, calls: list[tuple]) -> list:
+    """One submitit array of ``run_item`` calls (nothing submitted for an empty list)."""
+    if not calls:
+        return []
+    with executor.batch():
+        return [executor.submit(run_item, *call) for call in calls]

@@ -97,3 +97,13 @@ def load_aspp(head: DeepLabHead, state: dict[str, Tensor]) -> None:
     if missing:
         raise BenchError(f"checkpoint head lacks {missing[:3]}: it is not a DeepLabHead ASPP")
     head.load_state_dict({k: v for k, v in state.items() if k in own and not k.startswith("4.")}, strict=False)
+
+
+def dice_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """BCE + soft Dice (per image, smoothed by 1), the usual polyp-segmentation loss."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits).flatten(1)
+    flat = target.flatten(1)
+    dice = (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)
+    return bce + (1 - dice).mean()

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import augment, distributed
@@ -29,7 +28,7 @@ from bench.errors import BenchError
 from bench.methods import build_method
 from bench.methods.base import Method, PretrainContext
 from bench.metrics import segmentation_metrics, summarize
-from bench.models import build_segmentation_model, create_backbone, feature_channels
+from bench.models import build_segmentation_model, create_backbone, dice_bce_loss, feature_channels
 from bench.spec import Schedule
 
 Progress = Callable[[int], None]  # called with the number of steps just done
@@ -142,7 +141,7 @@ class LabelledBatchSource:
 
 def pretrain(method_spec, pool: Tensor, schedule: Schedule, backbone_name: str, init: str, seed: int,
              device: torch.device, precision: str, labelled: LabelledBatchSource | None = None,
-             progress: Progress | None = None, log_every: int = 10) -> PretrainResult:
+             progress: Progress | None = None, log_every: int = 10, compile_model: bool = False) -> PretrainResult:
     """Pretrain a backbone with one method on ``pool`` (N, 3, S, S) uint8; return the exported weights.
 
     Under torchrun every rank calls this with the same arguments: the global batch
@@ -156,7 +155,7 @@ def pretrain(method_spec, pool: Tensor, schedule: Schedule, backbone_name: str, 
     distributed.per_rank_batch(batch_size)  # under torchrun: fail before building if it does not split
     steps = schedule.num_steps(len(source))
     method = build_pretrain_method(method_spec, backbone_name, init, schedule.size, len(source), batch_size,
-                                   steps, device)
+                                   steps, device, compile_model)
     optimizer = make_optimizer([p for p in method.parameters() if p.requires_grad], schedule)
     forward = distributed.wrap_step(method, device) if distributed.active() else None
     if distributed.rank() > 0:  # the methods' own draws (noise, shuffles) differ per rank; rank 0 as alone
@@ -193,7 +192,7 @@ def pretrain(method_spec, pool: Tensor, schedule: Schedule, backbone_name: str, 
 
 
 def build_pretrain_method(method_spec, backbone_name: str, init: str, size: int, pool_size: int,
-                          batch_size: int, steps: int, device: torch.device) -> Method:
+                          batch_size: int, steps: int, device: torch.device, compile_model: bool = False) -> Method:
     """The method around a fresh backbone (stride and init as the method and spec ask), on ``device``.
 
     ``batch_size`` is the global batch (all ranks together): the keys a queue receives per step.
@@ -206,6 +205,8 @@ def build_pretrain_method(method_spec, backbone_name: str, init: str, size: int,
                           pool_size=pool_size, image_size=size, distributed=distributed.active())
     method = prepare_module(build_method(method_spec, backbone, ctx), device)
     method.train()
+    if compile_model:  # in place: state-dict keys (and so the exported checkpoint) stay the same
+        method.backbone.compile()
     return method
 
 
@@ -254,20 +255,11 @@ class FinetuneResult:
     log: list[dict[str, float]] = field(default_factory=list)
 
 
-def dice_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """BCE + soft Dice (per image, smoothed by 1), the usual polyp-segmentation loss."""
-    logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits).flatten(1)
-    flat = target.flatten(1)
-    dice = (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)
-    return bce + (1 - dice).mean()
-
-
 def finetune(init: str, backbone_name: str, images: Tensor, masks: Tensor, train_idx: np.ndarray,
              test_idx: np.ndarray, ids: list[str], schedule: Schedule, seed: int, device: torch.device,
              precision: str, progress: Progress | None = None,
-             regulariser: Callable[[list[Tensor]], Tensor] | None = None) -> FinetuneResult:
+             regulariser: Callable[[list[Tensor]], Tensor] | None = None,
+             compile_model: bool = False) -> FinetuneResult:
     """Train backbone + DeepLabv3 head on ``train_idx`` (the labelled subset), evaluate on ``test_idx``.
 
     ``images`` (N, 3, S, S) uint8 and ``masks`` (N, S, S) uint8 at the evaluation resolution S.
@@ -275,6 +267,8 @@ def finetune(init: str, backbone_name: str, images: Tensor, masks: Tensor, train
     """
     torch.manual_seed(seed)
     model = prepare_module(build_segmentation_model(backbone_name, init), device)
+    if compile_model:
+        model.compile()
     optimizer = make_optimizer(list(model.parameters()), schedule)
     train_images = torch.as_tensor(images[train_idx]).to(device)
     train_masks = torch.as_tensor(masks[train_idx]).unsqueeze(1).to(device)

@@ -68,6 +68,7 @@ class BenchmarkSpec:
     pretrain_per_seed: bool = False
     split_seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32
+    compile: bool = False  # torch.compile the backbone (pretraining) and the segmentation model
     description: str = ""
     showcase_note: str = ""  # printed after a run that ran a subset of the registry
 

@@ -239,3 +239,50 @@ def test_speed_writes_records(tmp_path, monkeypatch):
     assert [r["phase"] for r in records] == ["pretrain", "finetune", "reference"]
     for r in records:
         assert r["images_per_s"] > 0 and r["batch_size"] == 4 and r["size"] == 32 and r["device"] == "cpu"
+
+
+def _metrics(out: Path) -> dict:
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["status"]) == {"ok"}, table[["cell_id", "error"]]
+    return {row.cell_id: (row.miou, row.dice, row.hd95) for row in table.itertuples()}
+
+
+def test_workers_and_submitit_local_equal_the_sequential_run(tiny_spec, tmp_path):
+    args = ["--spec", tiny_spec, "--no-progress", "--no-report", "--fractions", "0.5"]
+    assert bench("run", *args, "--out", tmp_path / "seq").exit_code == 0
+    parallel = bench("run", *args, "--out", tmp_path / "par", "--workers", "2")
+    assert parallel.exit_code == 0, parallel.output
+    assert _metrics(tmp_path / "par") == _metrics(tmp_path / "seq")
+    local = bench("run", *args, "--out", tmp_path / "sub", "--executor", "submitit-local")
+    assert local.exit_code == 0, local.output
+    assert _metrics(tmp_path / "sub") == _metrics(tmp_path / "seq")
+    # a failed task is resubmitted by a rerun: drop one record and mark it failed, rerun, it comes back ok
+    cell = next((tmp_path / "sub" / "cells").glob("byol*.json"))
+    record = json.loads(cell.read_text())
+    cell.write_text(json.dumps({**record, "status": "failed", "error": "node died"}))
+    again = bench("run", *args, "--out", tmp_path / "sub", "--executor", "submitit-local")
+    assert again.exit_code == 0, again.output
+    assert json.loads(cell.read_text())["status"] == "ok"
+    assert _metrics(tmp_path / "sub") == _metrics(tmp_path / "seq")
+
+
+def test_every_registered_method_runs_inside_bench_run(tiny_spec, tmp_path):
+    from bench.methods import method_names
+
+    methods = [m for m in method_names() if m != "imagenet"] + ["byol+disp", "meanflow:domain=image"]
+    result = bench("run", "--spec", tiny_spec, "--out", tmp_path / "all", "--no-progress", "--no-report",
+                   "--fractions", "0.5", "--methods", ",".join(methods))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "all" / "results.csv")
+    assert len(table) == len(methods) and set(table["status"]) == {"ok"}, table[["method", "error"]]
+
+
+def test_compile_flag_compiles_backbone_and_model(tiny_spec, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    result = bench("run", "--spec", tiny_spec, "--out", tmp_path / "c", "--no-progress", "--no-report",
+                   "--fractions", "0.5", "--compile")
+    assert result.exit_code == 0, result.output
+    assert "SegmentationModel" in compiled and len(compiled) == 3  # 1 backbone (byol) + 2 finetune models
+    record = json.loads(next((tmp_path / "c" / "cells").glob("*.json")).read_text())
+    assert record["compiled"] is True

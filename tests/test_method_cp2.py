@@ -13,7 +13,7 @@ from bench import augment
 from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import build_method, parse_method
-from bench.methods.cp2 import CP2, cp2_dense_loss, mask_pool, shuffled_forward
+from bench.methods.cp2 import CP2, cp2_dense_loss, mask_pool, shuffled_key_forward
 from bench.models import SegmentationModel, create_backbone, load_aspp
 
 
@@ -202,7 +202,7 @@ def test_shuffled_key_forward_restores_the_batch_order():
     encoder = method.target_encoder.eval()  # eval BN: the result must not depend on the sub-batches
     x = hand_views(b=8).x2
     torch.manual_seed(3)
-    torch.testing.assert_close(shuffled_forward(encoder, x), encoder(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shuffled_key_forward(encoder, x), encoder(x), rtol=1e-4, atol=1e-5)
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -10,8 +10,14 @@ import torch
 from bench import datasets
 from bench.errors import BenchError
 from bench.metrics import segmentation_metrics, summarize
-from bench.models import SegmentationModel, build_segmentation_model, create_backbone, imagenet_weights_available
-from bench.protocol import batches, dice_bce_loss, finetune, lr_factor, resolve_precision
+from bench.models import (
+    SegmentationModel,
+    build_segmentation_model,
+    create_backbone,
+    dice_bce_loss,
+    imagenet_weights_available,
+)
+from bench.protocol import batches, finetune, lr_factor, resolve_precision
 from bench.spec import Schedule
 
 

@@ -31,9 +31,7 @@ True, shuffle_bn True.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed, concat_all_gather
 from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
@@ -42,7 +40,7 @@ from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import register
 from bench.methods.base import Method, PretrainContext, embedding_std, make_target
-from bench.methods.queue import KeyQueue, capped_queue_size, info_nce
+from bench.methods.queue import KeyQueue, capped_queue_size, gather_across_ranks, info_nce, shuffled_forward
 
 
 def aspp_head(in_channels: int) -> nn.Sequential:
@@ -84,16 +82,9 @@ def cp2_dense_loss(q: Tensor, k: Tensor, mask_q: Tensor, mask_k: Tensor) -> Tens
     return per_image.mean()
 
 
-def shuffled_forward(encoder: nn.Module, x: Tensor, chunks: int = 2) -> Tensor:
-    """Shuffle-BN (MoCo): run ``encoder`` on a permuted batch, in sub-batches on one device (each with
-    its own BN statistics, lightly's ``SplitBatchNorm`` idea) or across ranks under DDP, then unpermute."""
-    if dist.is_available() and dist.is_initialized():
-        shuffled, unshuffle = batch_shuffle_distributed(x)
-        return batch_unshuffle_distributed(encoder(shuffled), unshuffle)
-    perm = torch.randperm(x.shape[0], device=x.device)
-    chunks = chunks if x.shape[0] >= 2 * chunks else 1  # BN (ASPP pooling) needs ≥ 2 samples per chunk
-    out = torch.cat([encoder(part) for part in x[perm].chunk(chunks)])
-    return out[torch.argsort(perm)]
+def shuffled_key_forward(encoder: nn.Module, x: Tensor, chunks: int = 2, distributed: bool = False) -> Tensor:
+    """Shuffle-BN (MoCo) for a single-output encoder: the shared ``queue.shuffled_forward``."""
+    return shuffled_forward(lambda t: (encoder(t),), x, chunks, distributed)[0]
 
 
 class CP2Encoder(nn.Module):
@@ -156,7 +147,10 @@ class CP2(Method):
     @torch.no_grad()
     def _keys(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Key dense embeddings (B, D, N) and mask-pooled keys (B, D), with shuffle-BN if enabled."""
-        out = shuffled_forward(self.target_encoder, x) if self.cfg["shuffle_bn"] else self.target_encoder(x)
+        if not self.cfg["shuffle_bn"]:
+            out = self.target_encoder(x)
+        else:
+            out = shuffled_key_forward(self.target_encoder, x, distributed=self.ctx.distributed)
         k = F.normalize(out.flatten(2), dim=1)
         return k, mask_pool(k, mask)
 
@@ -182,8 +176,7 @@ class CP2(Method):
     @torch.no_grad()
     def _enqueue(self, keys: Tensor, ids: Tensor) -> None:
         ids = ids.to(keys.device)
-        if dist.is_available() and dist.is_initialized():
-            keys, ids = concat_all_gather(keys.contiguous()), concat_all_gather(ids.contiguous())
+        keys, ids = gather_across_ranks(keys, ids, distributed=self.ctx.distributed)
         self.queue.push(keys, ids)
 
     def export(self) -> dict[str, dict[str, Tensor]]:

@@ -42,20 +42,18 @@ shuffle_bn True.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed, most_similar_index
+from lightly.models.utils import most_similar_index
 from torch import Tensor, nn
 
 from bench import augment
 from bench.augment import Views
 from bench.methods import register
 from bench.methods.base import Method, PretrainContext, embedding_std, make_target
-from bench.methods.queue import KeyQueue, capped_queue_size, info_nce
+from bench.methods.queue import KeyQueue, capped_queue_size, gather_across_ranks, info_nce, shuffled_forward
 
 POSITIVE_MAPS = {"spatial": ("spatial",), "similar": ("similar",), "both": ("spatial", "similar")}
 
@@ -114,31 +112,6 @@ def gather_positives(zq: Tensor, zk: Tensor, index: Tensor) -> Tensor:
     """s⁺_i = z^q_i · z^k_{index(i)} for zq, zk (B, N, D) and index (B, N) → (B, N)."""
     matched = torch.gather(zk, 1, index.unsqueeze(-1).expand(-1, -1, zk.shape[-1]))
     return (zq * matched).sum(dim=-1)
-
-
-def concat_all_gather(x: Tensor) -> Tensor:
-    """All ranks' tensors concatenated along dim 0 (no gradient); ``x`` itself outside DDP."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, chunks: int,
-                     distributed: bool = False) -> tuple[Tensor, ...]:
-    """Run the key encoder ``fn`` with shuffle-BN (MoCo): on a permuted batch, across ranks under DDP, else
-    in ``chunks`` sub-batches on one device, so that its BN statistics come from other samples than the query
-    encoder's (no intra-batch shortcut); outputs are returned in the original order."""
-    if distributed and dist.is_available() and dist.is_initialized():
-        shuffled, restore = batch_shuffle_distributed(x)
-        return tuple(batch_unshuffle_distributed(out, restore) for out in fn(shuffled))
-    if chunks <= 1 or x.shape[0] < 2:
-        return fn(x)
-    perm = torch.randperm(x.shape[0], device=x.device)
-    outs = [fn(part) for part in x[perm].chunk(chunks)]
-    inverse = torch.argsort(perm)
-    return tuple(torch.cat(parts)[inverse] for parts in zip(*outs, strict=True))
 
 
 @register
@@ -271,5 +244,5 @@ class DiCoH(Method):
     def enqueue(self, keys: Tensor, ids: Tensor) -> None:
         """Push both views' keys (gathered across ranks under DDP) with their image ids."""
         if self.ctx.distributed:
-            keys, ids = concat_all_gather(keys), concat_all_gather(ids)
+            keys, ids = gather_across_ranks(keys, ids, distributed=True)
         self.queue.push(keys, ids)

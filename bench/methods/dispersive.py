@@ -47,6 +47,7 @@ from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import register
 from bench.methods.base import Method, Modifier, PretrainContext, embedding_std
+from bench.models import dice_bce_loss
 
 VARIANTS = ("l2", "cos", "hinge", "cov")
 LAYERS = ("early", "middle", "late", "penultimate", "all")
@@ -253,16 +254,6 @@ def finetune_regulariser(schedule: Any) -> Callable[[list[Tensor]], Tensor]:
 
 
 # --- the `dispersive` registry entry: Med-DisSeg stage I -------------------------------------------
-
-def dice_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """BCE + soft Dice (per image, smoothed by 1): Med-DisSeg's supervised stage-I loss."""
-    logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits).flatten(1)
-    flat = target.flatten(1)
-    dice = (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)
-    return bce + (1 - dice).mean()
-
 
 @register
 class MedDisSegStageI(Method):

@@ -30,19 +30,15 @@ the queue and InfoNCE are the project's (``bench.methods.queue``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed
 from torch import Tensor, nn
 
 from bench.augment import Views
 from bench.methods import register
 from bench.methods.base import Method, PretrainContext, embedding_std, last_feature, make_target
-from bench.methods.queue import KeyQueue, capped_queue_size, info_nce
+from bench.methods.queue import KeyQueue, capped_queue_size, gather_across_ranks, info_nce, shuffled_forward
 
 SHUFFLE_SPLITS = 2  # sub-batches of the key forward on one device (shuffle-BN emulation)
 
@@ -92,38 +88,4 @@ class MoCoV2(Method):
         return loss, {"loss": loss.detach(), "std": embedding_std(q)}
 
 
-# --- shared by the queue-based methods ------------------------------------------------------------
-
-def _ddp_active(distributed: bool) -> bool:
-    return distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, splits: int = SHUFFLE_SPLITS,
-                     distributed: bool = False) -> tuple[Tensor, ...]:
-    """Shuffle-BN (MoCo §3.3): ``fn`` on a permuted batch, outputs returned in the original order.
-
-    Under DDP the permutation spans all ranks (lightly's ``batch_shuffle_distributed``); on one device
-    the permuted batch is run in ``splits`` sub-batches so that each is normalised by the BN
-    statistics of a random subset. Every output of ``fn`` must be batch-first.
-    """
-    if _ddp_active(distributed):
-        shuffled, order = batch_shuffle_distributed(x)
-        return tuple(batch_unshuffle_distributed(out, order) for out in fn(shuffled))
-    perm = torch.randperm(x.shape[0], device=x.device)
-    parts = [fn(chunk) for chunk in x[perm].chunk(max(1, min(splits, x.shape[0])))]
-    inverse = torch.argsort(perm)
-    return tuple(torch.cat(outs)[inverse] for outs in zip(*parts, strict=True))
-
-
-@torch.no_grad()
-def gather_across_ranks(*tensors: Tensor, distributed: bool = False) -> tuple[Tensor, ...]:
-    """All-gather batch-first tensors across DDP ranks (for enqueueing); identity on one device."""
-    if not _ddp_active(distributed):
-        return tensors
-    gathered = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        gathered.append(torch.cat(parts))
-    return tuple(gathered)
+__all__ = ["MoCoV2", "gather_across_ranks", "shuffled_forward"]

@@ -9,9 +9,12 @@ images can be excluded, and K capped at the pool size rounded down to a multiple
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -68,3 +71,42 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
         negatives = negatives.masked_fill(exclude, float("-inf"))
     logits = torch.cat([positive, negatives], dim=1) / temperature
     return F.cross_entropy(logits.float(), torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+# --- shuffle-BN and cross-rank gathering, shared by the key encoders ---------------------------------
+
+def ddp_active(distributed: bool) -> bool:
+    return distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, splits: int = 2,
+                     distributed: bool = False) -> tuple[Tensor, ...]:
+    """Shuffle-BN (MoCo §3.3): ``fn`` on a permuted batch, outputs returned in the original order.
+
+    Under DDP the permutation spans all ranks (lightly's ``batch_shuffle_distributed``); on one device
+    the permuted batch runs in ``splits`` sub-batches (lightly's ``SplitBatchNorm`` idea), each with its
+    own BN statistics — one sub-batch when that would leave fewer than 2 samples in a chunk. Every
+    output of ``fn`` must be batch-first.
+    """
+    if ddp_active(distributed):
+        shuffled, order = batch_shuffle_distributed(x)
+        return tuple(batch_unshuffle_distributed(out, order) for out in fn(shuffled))
+    splits = splits if x.shape[0] >= 2 * splits else 1
+    perm = torch.randperm(x.shape[0], device=x.device)
+    parts = [fn(chunk) for chunk in x[perm].chunk(splits)]
+    inverse = torch.argsort(perm)
+    return tuple(torch.cat(outs)[inverse] for outs in zip(*parts, strict=True))
+
+
+@torch.no_grad()
+def gather_across_ranks(*tensors: Tensor, distributed: bool = False) -> tuple[Tensor, ...]:
+    """All-gather batch-first tensors across DDP ranks (for enqueueing); identity on one device."""
+    if not ddp_active(distributed):
+        return tensors
+    gathered = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        gathered.append(torch.cat(parts))
+    return tuple(gathered)
