@@ -132,7 +132,7 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def ranks(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("ddp")
     torch.multiprocessing.spawn(_worker, args=(WORLD, str(folder)), nprocs=WORLD, join=True)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 # --- the one-process reference ---------------------------------------------------------------------
