@@ -156,6 +156,37 @@ def _coin(generator: torch.Generator, n: int, p: float, device: torch.device) ->
 # --- geometry of one view -----------------------------------------------------------------------
 
 
+def _attempt_sides(generator: torch.Generator, batch: int, attempts: int, total: float,
+                   fraction: tuple[float, float], ratio: tuple[float, float],
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, attempts) candidate sides round(√(a·r)), round(√(a/r)) for areas a ~ U(fraction)·total and
+    aspect ratios r ~ exp(U(log ratio)) (torchvision's RandomResizedCrop / RandomErasing draws)."""
+    u = _rand(generator, batch, attempts, 2, device=device).double()
+    target = total * (fraction[0] + (fraction[1] - fraction[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    return torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+
+
+def _place_first_accepted(ok: Tensor, h: Tensor, w: Tensor, fallback_h: float, fallback_w: float,
+                          height: int, width: int, generator: torch.Generator,
+                          device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per sample the first accepted attempt (else the fallback size, centred) at a uniform integer
+    offset: (top, left, h, w), each (B,)."""
+    batch = ok.shape[0]
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first accepted attempt
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    found = ok.any(dim=1)
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    offset = _rand(generator, batch, 2, device=device).double()
+    top = torch.minimum(torch.floor(offset[:, 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(offset[:, 1] * (width - w + 1)), width - w)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return top, left, h, w
+
+
 def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float],
                       ratio: tuple[float, float], generator: torch.Generator, device: torch.device,
                       attempts: int = 10) -> Tensor:
@@ -165,24 +196,10 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
     w = round(√(area·ratio)), h = round(√(area/ratio)); the first attempt with 0 < w ≤ W and
     0 < h ≤ H is kept with a uniform integer offset; otherwise torchvision's centre-crop fallback.
     """
-    u = _rand(generator, batch, attempts, 2, device=device).double()
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = torch.round(torch.sqrt(area * aspect))
-    h = torch.round(torch.sqrt(area / aspect))
+    w, h = _attempt_sides(generator, batch, attempts, height * width, scale, ratio, device)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first accepted attempt
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    found = ok.any(dim=1)
     fw, fh = _fallback_size(height, width, ratio)
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
-    offset = _rand(generator, batch, 2, device=device).double()
-    top = torch.minimum(torch.floor(offset[:, 0] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(offset[:, 1] * (width - w + 1)), width - w)
-    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    top, left, h, w = _place_first_accepted(ok, h, w, fh, fw, height, width, generator, device)
     box = torch.stack([left / width, top / height, (left + w) / width, (top + h) / height], dim=1)
     return box.float()
 
@@ -449,25 +466,11 @@ def sample_paste_masks(batch: int, size: int, generator: torch.Generator, device
     the attempts is accepted, a centred square of the mid-range area is used (torchvision would
     return the whole image, outside the range).
     """
-    u = _rand(generator, batch, attempts, 2, device=device).double()
-    target = size * size * (area[0] + (area[1] - area[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    h = torch.round(torch.sqrt(target * aspect))
-    w = torch.round(torch.sqrt(target / aspect))
+    h, w = _attempt_sides(generator, batch, attempts, size * size, area, ratio, device)
     frac = h * w / (size * size)
     ok = (h > 0) & (h < size) & (w > 0) & (w < size) & (frac >= area[0]) & (frac <= area[1])
-    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)
-    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
     side = float(min(size - 1, round(size * math.sqrt(sum(area) / 2))))
-    found = ok.any(dim=1)
-    h = torch.where(found, h, torch.full_like(h, side))
-    w = torch.where(found, w, torch.full_like(w, side))
-    offset = _rand(generator, batch, 2, device=device).double()
-    top = torch.minimum(torch.floor(offset[:, 0] * (size - h + 1)), size - h)
-    left = torch.minimum(torch.floor(offset[:, 1] * (size - w + 1)), size - w)
-    top = torch.where(found, top, torch.div(size - h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(size - w, 2, rounding_mode="floor"))
+    top, left, h, w = _place_first_accepted(ok, h, w, side, side, size, size, generator, device)
     idx = torch.arange(size, device=device, dtype=torch.float64)
     rows = (idx[None] >= top[:, None]) & (idx[None] < (top + h)[:, None])
     cols = (idx[None] >= left[:, None]) & (idx[None] < (left + w)[:, None])

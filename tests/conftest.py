@@ -51,3 +51,17 @@ def random_images(n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
         img = np.clip(base + 0.4 * blob[None], 0, 1)
         images.append((img * 255).astype(np.uint8))
     return torch.from_numpy(np.stack(images))
+
+
+def train_steps(method, batches: list, steps: int, lr: float = 0.1, momentum: float = 0.9) -> list[float]:
+    """``steps`` SGD steps of a pretraining method cycling over prepared view batches; the losses."""
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    losses = []
+    for step in range(steps):
+        loss, _ = method.step(batches[step % len(batches)], step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step)
+        losses.append(loss.item())
+    return losses

@@ -18,7 +18,7 @@ from bench.methods import build_method, parse_method
 from bench.methods.densecl import correspondence, dense_info_nce, match
 from bench.methods.queue import info_nce
 from bench.models import SegmentationModel, create_backbone
-from tests.conftest import random_images, tiny_backbone, tiny_context
+from tests.conftest import random_images, tiny_backbone, tiny_context, train_steps
 
 
 def hand_views(b: int = 4, size: int = 64, seed: int = 0, ids: torch.Tensor | None = None) -> Views:
@@ -262,19 +262,10 @@ def test_short_run_lowers_the_loss():
     is what tells these synthetic images apart (see the MoCo-v2 test)."""
     torch.manual_seed(0)
     method = make_densecl(batch_size=8, pool_size=16)
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     pool = random_images(16, 64, seed=0)
     g = torch.Generator().manual_seed(0)
     batches = [make_views(pool[8 * (i % 2):8 * (i % 2) + 8], "light", 64, g,
                           image_ids=torch.arange(8) + 8 * (i % 2)) for i in range(6)]
-    losses = []
-    for step in range(32):
-        loss, _ = method.step(batches[step % len(batches)], step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        method.after_optimizer_step(step)
-        losses.append(loss.item())
-    losses = losses[2:]
+    losses = train_steps(method, batches, 32)[2:]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
