@@ -1,27 +1,67 @@
-"""The ``bench`` command: run, report, diagnose, speed, methods, datasets, status.
+"""The ``bench`` command: run, report, diagnose, speed, methods, datasets, status, export.
 
-A thin layer: it parses flags into a spec, calls the executor / reports, and shows progress and
-summaries with rich. Every user error is one line on stderr and exit code 2.
+A thin layer (docs/architecture.md): it turns flags into a spec and a runtime, calls the executors
+or the reports, and shows progress and summaries with rich. Every user error is one line on stderr
+and exit code 2. ``bench --install-completion`` adds shell completion.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+import typer.core
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from bench.errors import BenchError
+from bench.terminal import RichReporter, console, err_console, results_table, summary_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+
+def _untyped_flags(command: Any, ctx: typer.Context) -> None:
+    """Flags take no value: show them without a type (typer would print ``<bool>``)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+
+
+class Group(typer.core.TyperGroup):
+    """The ``bench`` group; its help and every command's show flags without a type."""
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _untyped_flags(command, ctx)
+        return command
+
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        _untyped_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark self-supervised pretraining for medical image segmentation.")
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import bench
+
+        console.print(f"bench (medssl-bench) {bench.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit")] = False,
+) -> None:
+    """The options before the command (``bench --version``)."""
 
 
 def handle_errors(fn):
@@ -34,113 +74,76 @@ def handle_errors(fn):
         except BenchError as err:
             err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted: finished cells are kept; rerun the same command to resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM inside bench.interrupt.terminate_as_interrupt
+            from bench.interrupt import exit_code, message
+
+            err_console.print(message(err), highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code(err)) from None
 
     return wrapper
 
 
-def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-class RichReporter:
-    """Progress for a run: an overall bar (steps of all jobs and cells, with ETA) and the current task."""
-
-    def __init__(self, enabled: bool = True):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, disable=not enabled, transient=False)
-        self.overall = None
-        self.current = None
-
-    def start(self, total_steps: int) -> None:
-        self.progress.start()
-        self.overall = self.progress.add_task("[bold]benchmark", total=max(1, total_steps))
-
-    def task(self, description: str, steps: int) -> None:
-        if self.current is not None:
-            self.progress.remove_task(self.current)
-        self.current = self.progress.add_task(description, total=max(1, steps))
-
-    def advance(self, steps: int = 1) -> None:
-        self.progress.advance(self.overall, steps)
-        if self.current is not None:
-            self.progress.advance(self.current, steps)
-
-    def skip(self, steps: int) -> None:
-        self.progress.advance(self.overall, steps)
-
-    def message(self, text: str) -> None:
-        self.progress.console.print(text)
-
-    def stop(self) -> None:
-        if self.current is not None:
-            self.progress.remove_task(self.current)
-            self.current = None
-        self.progress.stop()
-
-
-def build_spec(spec_file: Path | None, preset: str | None, methods: str | None, datasets: str | None,
-               fractions: str | None, seeds: str | None, backbone: str | None, size: int | None,
-               init: str | None, precision: str | None, finetune_reg: str | None):
-    from bench.methods import split_method_list
-    from bench.spec import DEFAULT_PRESET, DatasetEntry, load_preset, load_spec, parse_fractions, validate
+def build_spec(spec_file: Path | None, preset: str | None, flags: dict[str, Any], settings: list[str]):
+    """The spec of a run: a file or a preset, then the flags (``None``: not given), then ``--set KEY=VALUE``
+    settings; the result goes through the spec's one validation pass."""
+    from bench.spec import DEFAULT_PRESET, apply_settings, load_preset, load_spec, spec_from_dict, validate
 
     if spec_file is not None and preset is not None:
         raise BenchError("pass either --spec FILE or --preset NAME, not both")
     spec = load_spec(spec_file) if spec_file is not None else load_preset(preset or DEFAULT_PRESET)
-    changes: dict = {}
-    if methods is not None:
-        changes["methods"] = tuple(split_method_list(methods))
-        changes["showcase_note"] = ""
-    if datasets is not None:
-        changes["datasets"] = tuple(DatasetEntry(d) for d in _split(datasets))
-    if fractions is not None:
-        changes["fractions"] = parse_fractions(_split(fractions))
-    if seeds is not None:
-        try:
-            changes["seeds"] = tuple(int(s) for s in _split(seeds))
-        except ValueError:
-            raise BenchError(f"--seeds {seeds!r} must be integers, e.g. --seeds 0,1,2") from None
-    if backbone is not None:
-        changes["backbone"] = backbone
-    if init is not None:
-        changes["init"] = init
-    if precision is not None:
-        changes["precision"] = precision
-    if size is not None:
-        changes["pretrain"] = spec.pretrain.__class__(**{**spec.pretrain.__dict__, "size": size})
-        changes["finetune"] = spec.finetune.__class__(**{**spec.finetune.__dict__, "size": size})
-    if finetune_reg is not None:
-        changes["finetune"] = (changes.get("finetune") or spec.finetune).__class__(
-            **{**(changes.get("finetune") or spec.finetune).__dict__, "reg": finetune_reg})
-    spec = spec.replace(**changes)
-    validate(spec)
+    given = {key: value for key, value in flags.items() if value is not None}
+    if given:
+        raw = spec.to_dict()
+        for key, value in given.items():
+            if key == "size":
+                raw["pretrain"]["size"] = raw["finetune"]["size"] = value
+            else:
+                raw[key] = value
+        if "methods" in given:  # the preset's note about its method subset no longer applies
+            raw["showcase_note"] = ""
+        spec = spec_from_dict(raw, where="command line")
+    spec = apply_settings(spec, settings) if settings else spec
+    validate(spec)  # also this machine's paths (dataset folders, init file), before anything is written
     return spec
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How ``bench run`` executes a spec (none of it changes a result)."""
+
+    out: Path
+    device: str
+    threads: int | None
+    force_new: bool
+    workers: int
+    executor: str
+    slurm: dict[str, Any]
+    diagnose: bool
+    report: bool
+    progress: bool
 
 
 @app.command()
 @handle_errors
 def run(
     methods: Annotated[str | None, typer.Option(
-        help="Comma-separated method specs, e.g. dicoh,cp2,byol:momentum=0.996")] = None,
+        help="Comma-separated method specs, e.g. dicoh,cp2,byol:momentum=0.996, or all")] = None,
     datasets: Annotated[str | None, typer.Option(help="Registry names, LAYOUT:PATH or PATH, comma-separated")] = None,
     fractions: Annotated[str | None, typer.Option(help="Label fractions in (0, 1], e.g. 0.05,0.1")] = None,
     seeds: Annotated[str | None, typer.Option(help="Finetune seeds, e.g. 0,1,2")] = None,
     spec: Annotated[Path | None, typer.Option(help="A benchmark spec (YAML)")] = None,
     preset: Annotated[str | None, typer.Option(help="A preset from benchmarks/ (default: quick)")] = None,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="Any spec field, repeatable: --set pretrain.steps=200 --set finetune.lr=1e-4")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: reports/<spec name>)")] = None,
     backbone: Annotated[str | None, typer.Option(help="timm backbone name")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for pretraining and fine-tuning")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
     init: Annotated[str | None, typer.Option(help="Backbone init of SSL methods: scratch, imagenet or a file")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32")] = None,
-    finetune_reg: Annotated[str | None, typer.Option(help="Finetune regulariser: none or disp")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (measured per machine), bf16 or fp32")] = None,
     compile_models: Annotated[bool, typer.Option("--compile", help="torch.compile backbone and model")] = False,
+    keep_models: Annotated[bool, typer.Option("--keep-models", help="Keep each cell's fine-tuned weights")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads per process (default: the usable cores)")] = None,
     force_new: Annotated[bool, typer.Option(help="Use --out even if it holds another spec's records")] = False,
     workers: Annotated[int, typer.Option(help="Run independent jobs and cells in N local processes")] = 1,
     executor: Annotated[str, typer.Option(help="local, slurm, or submitit-local (SLURM's path, run here)")] = "local",
@@ -158,112 +161,124 @@ def run(
     pretraining runs on all of them (DDP), the fine-tuning cells are split between them.
     """
     from bench import distributed
-    from bench.protocol import resolve_device
+    from bench.interrupt import terminate_as_interrupt
 
-    bench_spec = build_spec(spec, preset, methods, datasets, fractions, seeds, backbone, size, init,
-                            precision, finetune_reg)
-    if compile_models:
-        bench_spec = bench_spec.replace(compile=True)
-    out = out or Path("reports") / bench_spec.name
-    target = resolve_device(device)
-    try:
-        if distributed.launched_by_torchrun():
-            target = _join_torchrun(target, workers, executor, bench_spec.pretrain.batch_size)
-        _run(bench_spec, out, target, device, force_new, workers, executor, partition, time_min, gpus, mem_gb,
-             diagnose, report, progress)
-    finally:
-        distributed.shutdown()
+    flags = {"methods": methods, "datasets": datasets, "fractions": fractions, "seeds": seeds, "backbone": backbone,
+             "size": size, "init": init, "precision": precision, "compile": compile_models or None,
+             "keep_models": keep_models or None, "threads": threads}
+    bench_spec = build_spec(spec, preset, flags, settings or [])
+    slurm = {"timeout_min": time_min, "gpus_per_node": gpus, "mem_gb": mem_gb, "slurm_partition": partition}
+    how = Execution(out or Path("reports") / bench_spec.name, device, bench_spec.threads, force_new, workers,
+                    executor, slurm, diagnose, report, progress)
+    with terminate_as_interrupt():  # SIGTERM (SLURM's stop) ends the run like Ctrl-C, exit 143
+        try:
+            _run(bench_spec, how)
+        finally:
+            distributed.shutdown()
 
 
-def _join_torchrun(target, workers: int, executor: str, batch_size: int):
-    """Join torchrun's process group; only rank 0 prints. Returns this rank's device."""
+def _runtime(spec, how: Execution):
+    """The run's ``Runtime``; under torchrun after joining the process group (each rank on its GPU)."""
+    import os
+
     from bench import distributed
+    from bench.runtime import make_runtime, resolve_device
 
-    if workers > 1 or executor != "local":
-        raise BenchError("under torchrun the processes share one benchmark; drop --workers/--executor, "
-                         "or run bench without torchrun")
-    distributed.init_from_env(target)
-    if not distributed.is_main():
-        console.quiet = err_console.quiet = True
-    distributed.per_rank_batch(batch_size)
-    return distributed.local_device(target)
+    target = resolve_device(how.device)
+    processes = how.workers if how.executor == "local" else 1
+    if distributed.launched_by_torchrun():
+        if how.workers > 1 or how.executor != "local":
+            raise BenchError("under torchrun the processes share one benchmark; drop --workers/--executor, "
+                             "or run bench without torchrun")
+        distributed.init_from_env(target)
+        if not distributed.is_main():
+            console.quiet = err_console.quiet = True
+        distributed.per_rank_batch(spec.pretrain.batch_size)
+        target = distributed.local_device(target)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return make_runtime(target, spec.precision, spec.compile, how.threads, processes=max(1, processes))
 
 
-def _run(bench_spec, out: Path, target, device: str, force_new: bool, workers: int, executor: str,
-         partition: str | None, time_min: int, gpus: int, mem_gb: int, diagnose: bool, report: bool,
-         progress: bool) -> None:
+def _run(bench_spec, how: Execution) -> None:
     from bench import distributed
-    from bench.execute import run_benchmark, run_parallel, run_submitit
+    from bench.executors import run_benchmark, run_parallel, run_submitit
+    from bench.methods.external import external_reports  # LABEL=ckpt:PATH rows: what each file gave
 
+    runtime = _runtime(bench_spec, how)
     console.print(f"[bold]{bench_spec.name}[/bold]: {len(bench_spec.methods)} method(s) × "
                   f"{len(bench_spec.datasets)} dataset(s) × fractions {list(bench_spec.fractions)} × seeds "
-                  f"{list(bench_spec.seeds)} on {target} → {out}")
-    if executor == "local" and workers <= 1:
-        summary = run_benchmark(bench_spec, out, target, RichReporter(progress and distributed.is_main()),
-                                force_new=force_new)
-    elif executor == "local":
-        summary = run_parallel(bench_spec, out, target, workers, RichReporter(progress), force_new=force_new)
-    elif executor in ("slurm", "submitit-local"):
-        params = {"timeout_min": time_min} if executor == "submitit-local" else {
-            "timeout_min": time_min, "gpus_per_node": gpus, "mem_gb": mem_gb, "slurm_partition": partition}
-        summary = run_submitit(bench_spec, out, device if executor == "slurm" else str(target),
-                               "local" if executor == "submitit-local" else "slurm",
-                               {k: v for k, v in params.items() if v is not None}, force_new=force_new)
-        if executor == "slurm":
+                  f"{list(bench_spec.seeds)} on {runtime.device} ({runtime.threads} threads) → {how.out}")
+    for match in external_reports(bench_spec):
+        console.print(f"external encoder {match.line()}", highlight=False)
+    if how.executor == "local" and how.workers <= 1:
+        summary = run_benchmark(bench_spec, how.out, runtime, RichReporter(how.progress and distributed.is_main()),
+                                force_new=how.force_new)
+    elif how.executor == "local":
+        summary = run_parallel(bench_spec, how.out, runtime, how.workers, RichReporter(how.progress),
+                               force_new=how.force_new)
+    elif how.executor in ("slurm", "submitit-local"):
+        local = how.executor == "submitit-local"
+        params = {"timeout_min": how.slurm["timeout_min"]} if local else how.slurm
+        summary = run_submitit(bench_spec, how.out, runtime, str(runtime.device) if local else how.device,
+                               "local" if local else "slurm", {k: v for k, v in params.items() if v is not None},
+                               force_new=how.force_new)
+        if not local:
             for note in summary.notes:
                 console.print(note)
             return
     else:
-        raise BenchError(f"--executor {executor!r} unknown; use local, slurm or submitit-local")
+        raise BenchError(f"--executor {how.executor!r} unknown; use local, slurm or submitit-local")
     if not distributed.is_main():  # rank 0 prints the summary and writes the report
         if not summary.ok:
             raise typer.Exit(1)
         return
-    _print_summary(summary, bench_spec)
-    if diagnose:
-        from bench.execute import diagnose_run
-
-        with console.status("feature diagnostics"):
-            diagnose_run(out)
-    if report:
-        _write_report(out, bench_spec.metric)
+    _print_table(summary, bench_spec)
+    _report_phase(summary, bench_spec, how)
+    _print_summary_line(summary)
     for note in summary.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     if bench_spec.showcase_note:
         console.print(f"[yellow]note:[/yellow] {bench_spec.showcase_note}")
     if not summary.ok:
         err_console.print(f"[bold red]{len(summary.failures)} job(s)/cell(s) failed[/bold red] "
-                          f"(reasons in {out}/run.json); finished cells are kept, rerun to retry the rest")
+                          f"(reasons in {how.out}/run.json); finished cells are kept, rerun to retry the rest")
         raise typer.Exit(1)
 
 
-def _print_summary(summary, spec) -> None:
-    import pandas as pd
+def _report_phase(summary, spec, how: Execution) -> None:
+    """Diagnostics and the report, timed as the run's ``report`` phase (added to run.json)."""
+    from bench.executors import record_phase
 
-    table_path = summary.out / "results.csv"
-    results = pd.read_csv(table_path)
-    ok = results[results["status"] == "ok"]
-    console.print(f"{summary.ran} ran, {summary.reused} reused, {len(summary.failures)} failed in "
-                  f"{summary.seconds:.0f} s")
-    if ok.empty:
-        return
-    metric = spec.metric if spec.metric in ok else "miou"
-    grouped = ok.groupby(["dataset", "fraction", "method"])[metric].agg(["mean", "std", "count"]).reset_index()
-    table = Table(title=f"test {metric} (mean ± std over seeds)")
-    for column in ("dataset", "fraction", "method", metric, "seeds"):
-        table.add_column(column)
-    for row in grouped.itertuples():
-        std = 0.0 if pd.isna(row.std) else row.std
-        table.add_row(row.dataset, f"{row.fraction:g}", row.method, f"{row.mean:.3f} ± {std:.3f}",
-                      str(row.count))
-    console.print(table)
+    start = time.perf_counter()
+    if how.diagnose:
+        from bench.diagnose import diagnose_run
+
+        with console.status("feature diagnostics"):
+            diagnose_run(how.out)
+    if how.report:
+        _write_report(how.out, spec)
+    seconds = time.perf_counter() - start
+    summary.phases["report"] = summary.phases.get("report", 0.0) + seconds
+    summary.seconds += seconds
+    record_phase(how.out, "report", seconds)
 
 
-def _write_report(out: Path, metric: str) -> None:
+def _print_summary_line(summary) -> None:
+    console.print(summary_line(summary))
+
+
+def _print_table(summary, spec) -> None:
+    table = results_table(summary.out / "results.csv", spec.metric)
+    if table is not None:
+        console.print(table)
+
+
+def _write_report(out: Path, spec) -> None:
     from bench.reports import build_report
+    from bench.runner import test_images
 
     try:
-        summary = build_report(out, metric=metric)
+        summary = build_report(out, metric=spec.metric, test_images=test_images(spec))
     except BenchError as err:
         console.print(f"[yellow]report not written:[/yellow] {err}")
         return
@@ -299,17 +314,20 @@ def report(
 @app.command()
 @handle_errors
 def methods() -> None:
-    """List the registered methods with their papers and defaults."""
-    from bench.methods import MODIFIERS, REGISTRY, method_names
+    """List the registered methods by family, with their papers and defaults."""
+    from bench.methods import MODIFIERS, REGISTRY, method_groups
 
     table = Table(title="methods (override as NAME:key=value, compose as NAME+disp)")
-    for column in ("name", "paper", "defaults"):
+    for column in ("group", "name", "paper", "defaults"):
         table.add_column(column, overflow="fold")
-    for name in method_names():
-        cls = REGISTRY[name]
-        table.add_row(name, cls.paper, cls.describe() or "—")
-    for name, cls in sorted(MODIFIERS.items()):
-        table.add_row(f"+{name}", cls.paper, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+    for group, names in method_groups().items():
+        for i, name in enumerate(names):
+            cls = REGISTRY[name]
+            table.add_row(group if i == 0 else "", name, cls.paper, cls.describe() or "—")
+        table.add_section()
+    for i, (name, cls) in enumerate(sorted(MODIFIERS.items())):
+        table.add_row("modifiers" if i == 0 else "", f"+{name}", cls.paper,
+                      ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
     console.print(table)
 
 
@@ -354,7 +372,7 @@ def diagnose(
 ) -> None:
     """Feature diagnostics of every pretrained backbone: variance, positive/negative similarity,
     silhouette, linear separability, effective rank, t-SNE plots."""
-    from bench.execute import diagnose_run
+    from bench.diagnose import diagnose_run
 
     with console.status("embedding test images"):
         files = diagnose_run(out, seed=seed, max_pixels=max_pixels, max_images=max_images)
@@ -365,58 +383,57 @@ def diagnose(
 @app.command()
 @handle_errors
 def speed(
-    methods: Annotated[str, typer.Option(help="Comma-separated method specs to time")] = "byol",
+    methods: Annotated[str, typer.Option(help="Method specs to time, comma-separated, or all")] = "all",
     backbone: Annotated[str, typer.Option(help="timm backbone")] = "resnet18",
     size: Annotated[int, typer.Option(help="Image size")] = 64,
     batch_size: Annotated[int, typer.Option(help="Batch size")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, bf16 or fp32 for the project's path")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (time every candidate), bf16 or fp32")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="Intra-op CPU threads (default: the usable cores)")] = None,
+    compile_models: Annotated[bool, typer.Option("--compile", help="Also time compiled steps and compile time")
+                              ] = False,
     reference: Annotated[bool, typer.Option(help="Also time the per-sample PIL + DataLoader pipeline")] = True,
     reference_workers: Annotated[int, typer.Option(help="DataLoader workers of the reference pipeline")] = 2,
+    warmup: Annotated[int, typer.Option(help="Untimed steps before the windows")] = 3,
     windows: Annotated[int, typer.Option(help="Timed windows (median reported)")] = 5,
+    steps: Annotated[int, typer.Option(help="Steps per timed window")] = 3,
     out: Annotated[Path, typer.Option(help="Folder for speed.json")] = Path("reports/speed"),
 ) -> None:
-    """Training throughput (images/s) per method and for fine-tuning, vs. a plain PIL pipeline."""
+    """Training throughput (images/s) per method and for fine-tuning at each precision: the data
+    path beside the compute-only step, and a plain PIL pipeline as yardstick."""
     import torch
 
     from bench import datasets
-    from bench.methods import split_method_list
-    from bench.protocol import resolve_device, resolve_precision
-    from bench.speed import finetune_speed, pretrain_speed, reference_speed, write_speed
+    from bench.runtime import make_runtime
+    from bench.speed import Settings, run_speed, speed_methods, summary_rows, write_speed
 
-    target = resolve_device(device)
-    mode = resolve_precision(precision, target)
+    runtime = make_runtime(device, precision, compile_models, threads)
+    settings = Settings(backbone, size, batch_size, runtime, warmup, windows, steps)
+    names = speed_methods(methods)
     data = datasets.load_dataset("synthetic-polyp", size, n=max(4 * batch_size, 64))
     images, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks).unsqueeze(1)
-    records = []
     with console.status("timing") as status:
-        for text in split_method_list(methods):
-            status.update(f"timing pretraining of {text}")
-            records.append(pretrain_speed(text, images, backbone, size, batch_size, target, mode, windows=windows))
-        status.update("timing fine-tuning")
-        records.append(finetune_speed(images, masks, backbone, size, batch_size, target, mode, windows=windows))
-        if reference:
-            status.update("timing the per-sample PIL reference pipeline")
-            records.append(reference_speed(images, backbone, size, batch_size, target, "fp32",
-                                           workers=reference_workers, windows=windows))
-    table = Table(title=f"training throughput on {target} ({backbone}, {size} px, batch {batch_size})")
-    for column in ("method", "phase", "pipeline", "precision", "images/s", "vs reference"):
+        records = run_speed(names, images, masks, settings, reference, reference_workers, status.update)
+    table = Table(title=f"training throughput on {runtime.device} ({backbone}, {size} px, batch {batch_size}, "
+                        f"{runtime.threads} threads)")
+    lines = summary_rows(records)
+    for column in lines[0]:
         table.add_column(column)
-    ref = next((r.images_per_s for r in records if r.phase == "reference"), None)
-    for r in records:
-        ratio = f"{r.images_per_s / ref:.2f}×" if ref and r.phase != "finetune" else ""
-        table.add_row(r.method, r.phase, r.pipeline, r.precision, f"{r.images_per_s:.1f}", ratio)
+    for line in lines:
+        table.add_row(*line.values())
     console.print(table)
-    console.print(f"written {write_speed(out, records)}")
+    console.print("data-path overhead: the data path's extra time per step over the compute-only step (goal ≤ 10%)")
+    console.print(f"written {write_speed(out, records, runtime)}")
 
 
 @app.command()
 @handle_errors
 def status(out: Annotated[Path, typer.Argument(help="A run folder")]) -> None:
     """Done / running / failed / pending cells and jobs of a run folder, from its records."""
-    from bench.execute import grid_status
+    from bench.status import grid_status
 
-    rows, jobs = grid_status(out)
+    rows, jobs = grid_status(out, report=lambda line: err_console.print(f"note: {line}", highlight=False,
+                                                                       soft_wrap=True))
     table = Table(title=f"{out}: finetune cells")
     for column in ("method", "done", "running", "failed", "pending"):
         table.add_column(column)
@@ -424,6 +441,23 @@ def status(out: Annotated[Path, typer.Argument(help="A run folder")]) -> None:
         table.add_row(method, *(str(counts[k]) for k in ("done", "running", "failed", "pending")))
     console.print(table)
     console.print("pretrain jobs: " + ", ".join(f"{k} {v}" for k, v in jobs.items()))
+
+
+@app.command("export")
+@handle_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run folder")],
+    method: Annotated[str, typer.Option(help="The method whose pretrained backbone to export, e.g. byol")],
+    fmt: Annotated[str, typer.Option("--format", help="timm, torchvision or smp (segmentation_models_pytorch)")
+                   ] = "timm",
+    out: Annotated[Path | None, typer.Option(help="Output .safetensors/.pth (default: <run>/export/...)")] = None,
+    job: Annotated[str | None, typer.Option(help="The pretrain job, when the method has several")] = None,
+) -> None:
+    """Write a pretrained backbone with the keys timm, torchvision or smp load, and a JSON card beside it."""
+    from bench.export import export_encoder
+
+    for line in export_encoder(run, method, fmt, out, job).lines():
+        console.print(line, highlight=False)
 
 
 def main() -> None:  # pragma: no cover - the console script calls app() directly

@@ -1,4 +1,5 @@
-"""Several GPUs (or CPU processes) for one benchmark: ``torchrun`` + DistributedDataParallel (DESIGN.md §11).
+"""Several GPUs (or CPU processes) for one benchmark: ``torchrun`` + DistributedDataParallel
+(docs/architecture.md).
 
 ``torchrun --nproc_per_node N -m bench run ...`` starts N copies of ``bench run``; ``init_from_env``
 reads torchrun's WORLD_SIZE / RANK / LOCAL_RANK and joins them into one process group (NCCL on
@@ -6,7 +7,7 @@ CUDA, with each process on the GPU of its local rank; gloo on CPU). Without torc
 process) nothing is initialised and every helper here is the identity, so ``bench run`` behaves
 exactly as before.
 
-What runs where (``bench.protocol.pretrain``, ``bench.execute.run_benchmark``):
+What runs where (``bench.protocol.pretrain``, ``bench.executors.run_benchmark``):
 
 - Pretraining: every rank builds the same model (same seed; DDP also broadcasts rank 0's weights
   and buffers at wrapping), walks the same seeded permutation of the pool, and takes its slice
@@ -34,8 +35,8 @@ half-batches (tests/test_distributed.py). Two settings make it fit: ``find_unuse
 next step; the price is one graph traversal per step and a one-time DDP warning that it found
 none) and no buffer sync in forward (``forward_sync_buffers=False``, ``broadcast_buffers=False``
 before torch 2.14: the buffers are queues, kept identical by the methods' gathers, and BN
-statistics, per rank). ``all_reduce_gradients`` is the explicit, bucketed equivalent (the same mean
-of gradients, after backward) for a step that cannot run inside DDP's forward.
+statistics, per rank). ``active()`` is the one test of "is DDP on" (methods ask it through
+``PretrainContext.distributed`` and ``bench.methods.queue.ddp_active``).
 
 Coordination (barriers, object broadcasts) runs on a separate gloo group with a long timeout:
 ranks wait there for each other's share of fine-tuning cells, which can take far longer than the
@@ -47,17 +48,14 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from bench.errors import BenchError
 
-BUCKET_BYTES = 25 * 2**20  # gradient bucket of all_reduce_gradients (DDP's default size)
 CONTROL_TIMEOUT = datetime.timedelta(days=7)  # waiting for other ranks' cells, not a hang guard
 RANK_SEED_STRIDE = 1_000_003  # rank r draws from seed + r·stride (rank 0: the seed itself)
 
@@ -201,38 +199,6 @@ def mean_across_ranks(values: dict[str, Tensor | float]) -> dict[str, float]:
         stacked = stacked.cuda()
     dist.all_reduce(stacked)
     return dict(zip(keys, (stacked / world_size()).cpu().tolist(), strict=True))
-
-
-@torch.no_grad()
-def all_reduce_gradients(params: Iterable[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Average the gradients of ``params`` across ranks in place: flattened buckets of up to
-    ``bucket_bytes`` per dtype, one all-reduce each (the explicit equivalent of DDP's reducer)."""
-    if not active():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    for bucket in _buckets(grads, bucket_bytes):
-        flat = _flatten_dense_tensors(bucket)
-        dist.all_reduce(flat)
-        flat /= world_size()
-        for grad, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
-            grad.copy_(synced)
-
-
-def _buckets(tensors: list[Tensor], limit: int) -> list[list[Tensor]]:
-    buckets: list[list[Tensor]] = []
-    current: list[Tensor] = []
-    size = 0
-    for t in sorted(tensors, key=lambda t: (str(t.dtype), str(t.device))):  # stable: same order on all ranks
-        nbytes = t.numel() * t.element_size()
-        kind_changes = current and (t.dtype, t.device) != (current[0].dtype, current[0].device)
-        if current and (size + nbytes > limit or kind_changes):
-            buckets.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += nbytes
-    if current:
-        buckets.append(current)
-    return buckets
 
 
 class StepForward(nn.Module):

@@ -1,18 +1,25 @@
-"""Expand a spec into pretrain jobs and finetune cells (DESIGN.md §2), each identified by a short
-hash of its resolved config, so that changing any hyperparameter makes a new job or cell and a rerun
-finds what already exists."""
+"""Expand a spec into pretrain jobs and finetune cells (docs/architecture.md), each identified by a
+short hash of its resolved config, so that changing any hyperparameter makes a new job or cell and a
+rerun finds what already exists.
+
+The grid is also the one place that reads a method's label flags (``reads_labels``,
+``trains_on_labelled``, ``label_fraction``): a job carries the result as ``LabelUse``.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.methods import MethodSpec, parse_method
-from bench.spec import BenchmarkSpec, DatasetEntry
+from bench.methods.external import finetune_init
+from bench.protocol import PROTOCOL_VERSION
+from bench.spec import BenchmarkSpec, DatasetEntry, Schedule
+
+POOLED = "pooled:"  # ref prefix of the generalisation protocol's block: pooled:{"train": [...], "test": [...]}
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -20,8 +27,27 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name-safe short form of a label (job and cell ids start with it)."""
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")[:60]
+
+
+@dataclass(frozen=True)
+class LabelUse:
+    """Which labelled images a pretrain job sees, and how.
+
+    ``fraction``/``seed``: the labelled subset of the dataset's training split (``fraction`` 1.0: all
+    of it, whatever the seed). ``aligned``: the method trains on those images with their masks
+    (Med-DisSeg stage I, the supervised control); otherwise it trains on the pool and receives
+    batches of those masks as extra inputs (MeanFlow)."""
+
+    fraction: float
+    seed: int
+    aligned: bool
+
+    @property
+    def all(self) -> bool:
+        return self.fraction >= 1.0
 
 
 @dataclass(frozen=True)
@@ -31,8 +57,11 @@ class PretrainJob:
     pool: str  # pool reference: "self" pools are "self:<dataset ref>"
     dataset: DatasetEntry  # the dataset whose pool (or labels) it uses
     seed: int
-    labels: tuple[float, int] | None  # (fraction, seed) for label-reading methods
-    config: dict[str, Any]
+    labels: LabelUse | None  # None: the job reads no label
+    config: dict[str, Any]  # its identity (hashed into the id)
+    backbone: str = "resnet18"
+    init: str = "scratch"
+    schedule: Schedule = field(default_factory=Schedule)
 
 
 @dataclass(frozen=True)
@@ -43,7 +72,14 @@ class FinetuneCell:
     fraction: float
     seed: int
     pretrain_id: str | None
-    config: dict[str, Any]
+    config: dict[str, Any]  # its identity (hashed into the id)
+    backbone: str = "resnet18"
+    init: str | None = None  # without a pretrain job: scratch | imagenet | ckpt:... (the method's own)
+    schedule: Schedule = field(default_factory=Schedule)
+    eval: str = "native"  # native | resized
+    reference: str | None = None  # "upper" for the supervised positive control
+    keep_predictions: int = 0  # predicted test masks to keep (0 none, -1 all): not identity
+    keep_model: bool = False  # keep the fine-tuned weights: not identity
 
     @property
     def label(self) -> str:
@@ -59,6 +95,20 @@ class Grid:
     def cells_of(self, job_id: str | None) -> list[FinetuneCell]:
         return [c for c in self.cells if c.pretrain_id == job_id]
 
+    def notes(self) -> list[str]:
+        """What the run summary says about methods left out."""
+        return [f"{label} left out: {why}" for label, why in self.left_out]
+
+
+def pooled_entry(spec: BenchmarkSpec) -> DatasetEntry:
+    """The one grid block of the generalisation protocol (its ref names every train and test set)."""
+    refs = {"train": [e.ref for e in spec.train], "test": [e.ref for e in spec.test]}
+    return DatasetEntry(POOLED + json.dumps(refs, separators=(",", ":")), spec.train[0].n)
+
+
+def is_pooled(entry: DatasetEntry) -> bool:
+    return entry.ref.startswith(POOLED)
+
 
 def dataset_key(entry: DatasetEntry, split_seed: int) -> dict[str, Any]:
     return {"ref": entry.ref, "n": entry.n, "split_seed": split_seed}
@@ -66,6 +116,23 @@ def dataset_key(entry: DatasetEntry, split_seed: int) -> dict[str, Any]:
 
 def pool_key(entry: DatasetEntry) -> str:
     return f"self:{entry.ref}" + (f"?n={entry.n}" if entry.n else "") if entry.pool == "self" else entry.pool
+
+
+def label_use(method: MethodSpec, fraction: float, seed: int, pretrain_seed: int) -> LabelUse | None:
+    """How a job of ``method`` for the cell (fraction, seed) sees labels (None: it reads none)."""
+    cls = method.cls
+    if not cls.reads_labels(method.cfg):
+        return None
+    fixed = cls.label_fraction
+    if fixed is not None:  # the method's own share of the labels, the same for every cell
+        return LabelUse(float(fixed), pretrain_seed, cls.trains_on_labelled)
+    return LabelUse(fraction, seed, cls.trains_on_labelled)
+
+
+def blocks(spec: BenchmarkSpec) -> tuple[DatasetEntry, ...]:
+    """The datasets a grid trains on: each of ``datasets`` (its own split), or the one pooled block of
+    the generalisation protocol."""
+    return (pooled_entry(spec),) if spec.train else spec.datasets
 
 
 def build_grid(spec: BenchmarkSpec, skip: dict[str, str] | None = None) -> Grid:
@@ -80,12 +147,12 @@ def build_grid(spec: BenchmarkSpec, skip: dict[str, str] | None = None) -> Grid:
         if method.name in skip:
             left_out.append((method.label, skip[method.name]))
             continue
-        for entry in spec.datasets:
+        for entry in blocks(spec):
             for fraction in spec.fractions:
                 for seed in spec.seeds:
                     job = _job_for(spec, method, entry, fraction, seed)
                     if job is not None:
-                        jobs.setdefault(job.id, job)
+                        job = jobs.setdefault(job.id, job)
                     cells.append(_cell(spec, method, entry, fraction, seed, job))
     return Grid(tuple(jobs.values()), tuple(cells), tuple(left_out))
 
@@ -94,38 +161,46 @@ def _job_for(spec: BenchmarkSpec, method: MethodSpec, entry: DatasetEntry, fract
              seed: int) -> PretrainJob | None:
     if not method.cls.pretrains:
         return None
-    labels = (fraction, seed) if method.cls.reads_labels(method.cfg) else None
-    pretrain_seed = seed if (spec.pretrain_per_seed or labels) else spec.pretrain_seed
+    per_cell = method.cls.reads_labels(method.cfg) and method.cls.label_fraction is None
+    pretrain_seed = seed if (spec.pretrain_per_seed or per_cell) else spec.pretrain_seed
+    labels = label_use(method, fraction, seed, pretrain_seed)
     config = {
         "kind": "pretrain",
+        "protocol": PROTOCOL_VERSION,
         "method": method.resolved(),
         "pool": pool_key(entry),
         "backbone": spec.backbone,
         "init": spec.init,
-        "schedule": dataclasses.asdict(spec.pretrain),
+        "schedule": spec.pretrain.identity("pretrain"),
         "seed": pretrain_seed,
-        "labels": None if labels is None else {"dataset": dataset_key(entry, spec.split_seed),
-                                               "fraction": fraction, "seed": seed},
+        "labels": None if labels is None else {
+            "dataset": dataset_key(entry, spec.split_seed), "fraction": labels.fraction,
+            "seed": None if labels.all else labels.seed},
     }
     if entry.pool == "self":  # the pool is the dataset's training split, which depends on the split seed
         config["split"] = dataset_key(entry, spec.split_seed)
-    job_id = f"{_slug(method.label)}-{config_hash(config)}"
-    return PretrainJob(job_id, method, pool_key(entry), entry, pretrain_seed, labels, config)
+    job_id = f"{slug(method.label)}-{config_hash(config)}"
+    return PretrainJob(job_id, method, pool_key(entry), entry, pretrain_seed, labels, config, spec.backbone,
+                       spec.init, spec.pretrain)
 
 
 def _cell(spec: BenchmarkSpec, method: MethodSpec, entry: DatasetEntry, fraction: float, seed: int,
           job: PretrainJob | None) -> FinetuneCell:
-    init = getattr(method.cls, "init", None) if job is None else f"pretrain:{job.id}"
+    init = finetune_init(method, spec) if job is None else None
     config = {
         "kind": "finetune",
+        "protocol": PROTOCOL_VERSION,
         "method": method.resolved(),
-        "init": init,
+        "init": init if job is None else f"pretrain:{job.id}",
         "backbone": spec.backbone,
         "dataset": dataset_key(entry, spec.split_seed),
         "fraction": fraction,
         "seed": seed,
-        "schedule": dataclasses.asdict(spec.finetune),
+        "schedule": spec.finetune.identity("finetune"),
+        "eval": spec.eval,
     }
-    slug = _slug(f"{method.label}_{entry.ref.split('/')[-1]}_f{fraction:g}_s{seed}")
-    return FinetuneCell(f"{slug}-{config_hash(config)}", method, entry, fraction, seed,
-                        None if job is None else job.id, config)
+    where = "pooled" if is_pooled(entry) else entry.ref.split("/")[-1]
+    name = slug(f"{method.label}_{where}_f{fraction:g}_s{seed}")
+    return FinetuneCell(f"{name}-{config_hash(config)}", method, entry, fraction, seed,
+                        None if job is None else job.id, config, spec.backbone, init, spec.finetune, spec.eval,
+                        method.cls.reference, spec.keep_predictions, spec.keep_models)

@@ -1,4 +1,4 @@
-"""Per-image binary segmentation metrics (DESIGN.md §7): IoU, Dice, precision, recall, HD95.
+"""Per-image binary segmentation metrics (docs/architecture.md, "Evaluation"): IoU, Dice, precision, recall, HD95.
 
 Foreground class only, one value per image, so that statistics can be recomputed from the records.
 With TP, FP, FN the pixel counts of an image:

@@ -1,4 +1,5 @@
-"""Backbone (timm, ``features_only``) + DeepLabv3 ASPP head (torchvision), and their initialisation."""
+"""Backbone (timm, ``features_only``) + DeepLabv3 ASPP head (torchvision), and their initialisation
+(docs/methods.md, "The fine-tuning model")."""
 
 from __future__ import annotations
 
@@ -36,13 +37,42 @@ def feature_channels(backbone: nn.Module) -> tuple[int, ...]:
     return tuple(backbone.feature_info.channels())
 
 
-class SegmentationModel(nn.Module):
-    """Backbone + DeepLabv3 ASPP head on the last stage, bilinear upsampling to the input size."""
+# DeepLabv3 (Chen et al. 2017, "Rethinking Atrous Convolution"): ASPP rates per output stride
+ASPP_RATES: dict[int, tuple[int, int, int]] = {16: (6, 12, 18), 8: (12, 24, 36)}
 
-    def __init__(self, backbone: nn.Module, num_classes: int = 1):
+
+def output_stride_of(backbone: nn.Module) -> int:
+    """The stride of the backbone's last feature map (timm's ``feature_info``; 16 when dilated)."""
+    info = getattr(backbone, "feature_info", None)
+    if info is None:
+        raise BenchError("the backbone has no feature_info: pass output_stride= to build its DeepLabv3 head")
+    return int(info.reduction()[-1])
+
+
+def aspp_rates(output_stride: int) -> tuple[int, int, int]:
+    """DeepLabv3's atrous rates for an output stride: 16 → (6, 12, 18), 8 → (12, 24, 36)."""
+    if output_stride not in ASPP_RATES:
+        raise BenchError(f"DeepLabv3's ASPP is defined for output stride 8 or 16, not {output_stride}; "
+                         "build the backbone with output_stride=16")
+    return ASPP_RATES[output_stride]
+
+
+def deeplab_head(in_channels: int, num_classes: int, output_stride: int) -> DeepLabHead:
+    """torchvision's DeepLabHead with the ASPP rates of ``output_stride`` (state-dict keys as torchvision's)."""
+    return DeepLabHead(in_channels, num_classes, atrous_rates=aspp_rates(output_stride))
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + DeepLabv3 ASPP head on the last stage, bilinear upsampling to the input size.
+
+    The ASPP's rates follow the backbone's output stride (read from it unless ``output_stride`` is given).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 1, output_stride: int | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = DeepLabHead(feature_channels(backbone)[-1], num_classes)
+        stride = output_stride if output_stride is not None else output_stride_of(backbone)
+        self.head = deeplab_head(feature_channels(backbone)[-1], num_classes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)[-1]
@@ -76,6 +106,11 @@ def build_segmentation_model(backbone_name: str, init: str, output_stride: int =
     if init in ("scratch", "imagenet"):
         return SegmentationModel(create_backbone(backbone_name, init == "imagenet", output_stride))
     model = SegmentationModel(create_backbone(backbone_name, False, output_stride))
+    if init.startswith("ckpt:"):  # an external encoder (LABEL=ckpt:PATH): keys mapped by bench.checkpoints
+        from bench.checkpoints import load_init
+
+        load_init(model.backbone, backbone_name, init)
+        return model
     load_checkpoint(model, Path(init))
     return model
 

@@ -1,5 +1,5 @@
-"""Tests of bench.augment: view geometry against pixel content, hand-computed correspondences,
-torchvision-equivalent colour operations, determinism, masks and CP2 copy-paste."""
+"""Tests of bench.augment and bench.geometry: view geometry against pixel content, hand-computed
+correspondences, torchvision-equivalent colour operations, determinism, masks and CP2 copy-paste."""
 
 from __future__ import annotations
 
@@ -20,21 +20,24 @@ from bench.augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
-    bin_diagonal,
     blur_kernel_size,
-    cell_centers,
     copy_paste,
     denormalize,
     finetune_batch,
     gaussian_blur,
     make_views,
-    mask_at_cells,
-    nearest_cells,
-    positive_pairs,
     sample_crop_boxes,
     to_input,
 )
 from bench.errors import BenchError
+from bench.geometry import (
+    bin_diagonal,
+    cell_centers,
+    mask_at_cells,
+    nearest_cells,
+    pixel_index_box,
+    positive_pairs,
+)
 
 # Geometry only (no colour): view 1 always flipped, view 2 never, so both cases are always covered.
 GEO = ViewRecipe("geo", ViewAug(scale=(0.08, 1.0), flip_p=1.0), ViewAug(scale=(0.2, 1.0), flip_p=0.0))
@@ -144,6 +147,19 @@ def test_nearest_cells_hand_values():
     assert valid.tolist() == [[True, True, True, False]]
     index, _ = nearest_cells(full, no, box2, yes, 2, 2)  # view 2 mirrored: its columns swap
     assert index.tolist() == [[1, 0, 3, 2]]
+
+
+def test_pixel_index_box_hand_values_and_source_size():
+    """PixPro's coordinates: a crop of columns 2..5 (w = 4) and rows 0..9 of a 10-wide, 20-high source has
+    edges (0.2, 0, 0.6, 0.5) and official coordinates (2/9, 0/19, 5/9, 9/19)."""
+    box = torch.tensor([[0.2, 0.0, 0.6, 0.5]])
+    torch.testing.assert_close(pixel_index_box(box, 20, 10), torch.tensor([[2 / 9, 0.0, 5 / 9, 9 / 19]]))
+    full = pixel_index_box(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), 64, 64)  # the whole image: still 0..1
+    torch.testing.assert_close(full, torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    with pytest.raises(BenchError, match="too small"):
+        pixel_index_box(box, 1, 10)
+    views = make_views(random_images(2, 48), "byol", 32, gen())
+    assert views.source_size == (48, 48)
 
 
 def test_mask_at_cells_hand_values():

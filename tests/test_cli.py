@@ -56,9 +56,18 @@ def one_line_error(result, *words: str) -> None:
 
 
 def test_tiny_run_end_to_end_and_resume(tiny_spec, tmp_path):
+    from bench.protocol import PROTOCOL_VERSION
+    from bench.reports.predictions import read_predictions
+
     out = tmp_path / "run"
-    result = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress")
+    result = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--set", "keep_predictions=2",
+                   "--keep-models")
     assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["phases_s"]) == {"data", "pretrain", "finetune", "evaluate", "report"}
+    assert run["phases_s"]["finetune"] > 0 and run["phases_s"]["report"] > 0
+    assert run["protocol_version"] == PROTOCOL_VERSION and run["runtime"]["device"] == "cpu"
+    assert "5 ran, 0 reused, 0 failed in" in result.output and "fine-tuning" in result.output  # 1 job, 4 cells
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 4 and set(table["status"]) == {"ok"}
     assert set(table["method"]) == {"scratch", "byol"}
@@ -71,7 +80,13 @@ def test_tiny_run_end_to_end_and_resume(tiny_spec, tmp_path):
     record = next(r for r in records if r["method"] == "byol")
     assert record["pretrain_id"] == jobs[0].name
     assert len(record["per_image"]["iou"]) == record["split"]["n_test"]
-    assert record["versions"]["torch"] == torch.__version__ and record["precision"] == "fp32"
+    assert record["versions"]["torch"] == torch.__version__ and record["numerics"] == "fp32"
+    assert record["protocol_version"] == PROTOCOL_VERSION and record["eval"] == "native"
+    assert record["freeze"] == "none" and record["reference"] is None and record["runtime"]["threads"] >= 1
+    masks, iou = read_predictions(out / record["predictions"])
+    assert list(masks) == record["test_ids"][:2] and list(iou.values()) == pytest.approx(record["per_image"]["iou"][:2])
+    weights = torch.load(out / record["model"], weights_only=True)
+    assert "head.4.weight" in weights and any(k.startswith("backbone.") for k in weights)
     ranks = pd.read_csv(out / "report" / "ranks.csv")
     assert set(ranks["method"]) == {"scratch", "byol"}
     # a rerun recomputes nothing
@@ -93,14 +108,14 @@ def test_interrupted_run_resumes_without_recomputing(tiny_spec, tmp_path, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("bench.execute.finetune", flaky)
+    monkeypatch.setattr("bench.runner.finetune", flaky)
     first = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress")
     assert first.exit_code == 130, first.output
     done = sorted(p.name for p in (out / "cells").glob("*.json"))
     assert len(done) == 2
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     calls.clear()
-    monkeypatch.setattr("bench.execute.finetune", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr("bench.runner.finetune", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     second = bench("run", "--spec", tiny_spec, "--out", out, "--no-progress", "--no-report")
     assert second.exit_code == 0, second.output
     assert len(calls) == 2, "only the two unfinished cells run again"
@@ -232,11 +247,12 @@ def test_status_and_diagnose_after_a_run(tiny_spec, tmp_path):
 
 def test_speed_writes_records(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    result = bench("speed", "--methods", "byol", "--size", "32", "--batch-size", "4", "--windows", "1",
-                   "--reference-workers", "0", "--device", "cpu", "--out", tmp_path)
+    result = bench("speed", "--methods", "byol", "--size", "32", "--batch-size", "4", "--windows", "1", "--warmup",
+                   "1", "--steps", "1", "--precision", "fp32", "--reference-workers", "0", "--device", "cpu",
+                   "--out", tmp_path)
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "speed.json").read_text())
-    assert [r["phase"] for r in records] == ["pretrain", "finetune", "reference"]
+    assert {r["phase"] for r in records} == {"pretrain", "finetune", "reference"}
     for r in records:
         assert r["images_per_s"] > 0 and r["batch_size"] == 4 and r["size"] == 32 and r["device"] == "cpu"
 
@@ -267,14 +283,17 @@ def test_workers_and_submitit_local_equal_the_sequential_run(tiny_spec, tmp_path
 
 
 def test_every_registered_method_runs_inside_bench_run(tiny_spec, tmp_path):
+    """``--methods all`` (every registered method; imagenet only when its weights are cached) plus a
+    modifier and an override: every cell ends ok."""
     from bench.methods import method_names
 
-    methods = [m for m in method_names() if m != "imagenet"] + ["byol+disp", "meanflow:domain=image"]
     result = bench("run", "--spec", tiny_spec, "--out", tmp_path / "all", "--no-progress", "--no-report",
-                   "--fractions", "0.5", "--methods", ",".join(methods))
+                   "--fractions", "0.5", "--methods", "all,byol+disp,meanflow:domain=image")
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "all" / "results.csv")
-    assert len(table) == len(methods) and set(table["status"]) == {"ok"}, table[["method", "error"]]
+    expected = {m for m in method_names() if m not in ("imagenet", "external")}
+    expected |= {"byol+disp", "meanflow[domain=image]"}
+    assert expected <= set(table["method"]) and set(table["status"]) == {"ok"}, table[["method", "error"]]
 
 
 def test_compile_flag_compiles_backbone_and_model(tiny_spec, tmp_path, monkeypatch):
@@ -286,3 +305,23 @@ def test_compile_flag_compiles_backbone_and_model(tiny_spec, tmp_path, monkeypat
     assert "SegmentationModel" in compiled and len(compiled) == 3  # 1 backbone (byol) + 2 finetune models
     record = json.loads(next((tmp_path / "c" / "cells").glob("*.json")).read_text())
     assert record["compiled"] is True
+
+
+def test_help_version_and_flags_without_a_type():
+    alone = bench()
+    assert "Usage" in alone.output and "run" in alone.output and "--install-completion" in alone.output
+    version = bench("--version")
+    assert version.exit_code == 0 and version.output.strip().endswith(__import__("bench").__version__)
+    for command in ("run", "report", "speed"):
+        text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        assert "--no-progress" in text or "--lower-is-better" in text or "--compile" in text, text
+        assert "<bool>" not in text and "<str>" in text, text
+
+
+def test_set_changes_any_field_and_is_validated(tiny_spec):
+    from bench.cli import build_spec
+
+    spec = build_spec(tiny_spec, None, {"seeds": "3"}, ["pretrain.steps=7", "finetune.lr=1e-4", "eval=resized"])
+    assert spec.pretrain.steps == 7 and spec.finetune.lr == 1e-4 and spec.eval == "resized" and spec.seeds == (3,)
+    one_line_error(bench("run", "--spec", tiny_spec, "--set", "pretrain.stepz=3"), "pretrain.stepz", "steps")
+    one_line_error(bench("run", "--spec", tiny_spec, "--set", "eval=native-ish"), "eval")

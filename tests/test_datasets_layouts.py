@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.datasets import inspect, layouts, load_dataset
+from bench.datasets import decode, inspect, layouts, load_dataset
 from bench.datasets.kvasir_split import KVASIR_SEG_TEST_IDS
 from bench.errors import BenchError
 
@@ -94,7 +94,7 @@ def make_isic(root: Path, folders: dict[tuple[str, str], list[int]], suffix: str
 
 
 # ----------------------------------------------------------------------------------------------
-# The real excerpts in ../shared/data
+# The real excerpts (the shared_data fixture)
 
 
 def test_kvasir_excerpt(shared_data: Path, tmp_path: Path):
@@ -113,7 +113,7 @@ def test_kvasir_excerpt(shared_data: Path, tmp_path: Path):
     # the pixels: exactly the pixels ≥ 128, not the noise; the resized share stays close to it
     path = root / "masks" / "cju0qkwl35piu0993l0dewei2.jpg"
     channel = np.asarray(Image.open(path))[..., 0]
-    binary = layouts.read_mask(path, "threshold")
+    binary = decode.read_mask(path, "threshold")
     assert binary.sum() == (channel >= 128).sum() and binary.sum() < (channel > 0).sum()
     i = data.ids.index("cju0qkwl35piu0993l0dewei2")
     assert abs(data.masks[i].mean() - binary.mean()) < 0.01
@@ -125,14 +125,14 @@ def test_mask_binarisation_rules(tmp_path: Path):
     Image.fromarray(values).save(tmp_path / "grey.png")
     Image.fromarray(np.array([[0, 1, 1, 0, 2, 7, 0]], np.uint8)).save(tmp_path / "labels.bmp")
     expected = [[False, False, False, False, True, True, True]]
-    assert layouts.read_mask(tmp_path / "rgb.png", "threshold").tolist() == expected
-    assert layouts.read_mask(tmp_path / "grey.png", "auto").tolist() == expected      # max > 1: threshold
-    assert layouts.read_mask(tmp_path / "labels.bmp", "label").tolist() == [[0, 1, 1, 0, 1, 1, 0]]
+    assert decode.read_mask(tmp_path / "rgb.png", "threshold").tolist() == expected
+    assert decode.read_mask(tmp_path / "grey.png", "auto").tolist() == expected      # max > 1: threshold
+    assert decode.read_mask(tmp_path / "labels.bmp", "label").tolist() == [[0, 1, 1, 0, 1, 1, 0]]
     Image.fromarray(np.array([[0, 1, 1, 0]], np.uint8)).save(tmp_path / "01.png")
-    assert layouts.read_mask(tmp_path / "01.png", "auto").tolist() == [[False, True, True, False]]
+    assert decode.read_mask(tmp_path / "01.png", "auto").tolist() == [[False, True, True, False]]
     sixteen = np.array([[0, 100, 40000, 65535]], np.uint16)                            # 16-bit mask
     Image.fromarray(sixteen).save(tmp_path / "16.png")
-    assert layouts.read_mask(tmp_path / "16.png", "threshold").tolist() == [[False, False, True, True]]
+    assert decode.read_mask(tmp_path / "16.png", "threshold").tolist() == [[False, False, True, True]]
 
 
 def test_colondb_excerpt(shared_data: Path, tmp_path: Path):
@@ -369,9 +369,9 @@ def test_tifffile_fallback(tmp_path: Path):
     values[..., 0], values[..., 1], values[..., 2] = 0.0, 0.5, 1.0
     root = make_clinicdb(tmp_path / "CVC-ClinicDB", 2)
     tifffile.imwrite(root / "Original" / "2.tif", values, photometric="rgb")
-    with pytest.raises(layouts.DECODE_ERRORS):   # the premise: PIL alone cannot read it
+    with pytest.raises(decode.DECODE_ERRORS):   # the premise: PIL alone cannot read it
         Image.open(root / "Original" / "2.tif").load()
-    assert layouts.read_image(root / "Original" / "2.tif")[0, 0].tolist() == [0, 128, 255]
+    assert decode.read_image(root / "Original" / "2.tif")[0, 0].tolist() == [0, 128, 255]
     data = load_dataset(str(root), 16, cache_dir=tmp_path / "cache")
     assert data.images[1, :, 5, 5].tolist() == [0, 128, 255]
     _check_box_masks(data)

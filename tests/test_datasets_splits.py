@@ -1,4 +1,4 @@
-"""Seeded splits, nested label fractions and split hashes (DESIGN.md §4)."""
+"""Seeded splits, split files (train/test and grouped), nested label fractions and split hashes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.datasets import label_fraction, load_dataset, split_hash
-from bench.datasets.splits import natural_key, seeded_split, seeded_split_name
+from bench.datasets.splits import grouped_split, natural_key, read_split_file, seeded_split, seeded_split_name
 from bench.errors import BenchError
 
 
@@ -105,3 +105,92 @@ def test_split_hash():
     assert split_hash(np.array([9, 1, 5])) == expected            # order-insensitive
     assert len(expected) == 12 and split_hash(np.array([1, 5, 10])) != expected
     assert split_hash([1, 5, 9]) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Split files
+
+
+def _frames(root, n: int = 10):
+    from tests.test_datasets_layouts import box_mask, write_image, write_mask
+
+    for i in range(1, n + 1):
+        write_image(root / "images" / f"{i}.png", seed=i)
+        write_mask(root / "masks" / f"{i}.png", box_mask())
+    return root
+
+
+def test_split_file_train_test(tmp_path):
+    root = _frames(tmp_path / "set")
+    csv = tmp_path / "split.csv"
+    csv.write_text("id,split\n" + "".join(f"{i}.png,{'test' if i in (2, 7) else 'train'}\n" for i in range(1, 11))
+                   + "99,test\n")
+    data = load_dataset(f"{root}?split={csv}", 16, cache_dir=tmp_path / "cache")
+    assert [data.ids[i] for i in data.test] == ["2", "7"] and len(data.train) == 8
+    digest = hashlib.sha256(csv.read_bytes()).hexdigest()[:8]
+    assert data.split == f"split file split.csv (sha {digest})"
+    assert any("1 id(s) of split file split.csv are not in this dataset" in note for note in data.notes)
+    same = load_dataset(str(root), 16, cache_dir=tmp_path / "cache", split_file=csv)
+    assert np.array_equal(same.test, data.test)
+
+
+def test_split_file_overrides_an_official_split(tmp_path):
+    from tests.test_datasets_layouts import make_glas
+
+    root = make_glas(tmp_path / "glas", train=2, test_a=1, test_b=1)
+    csv = tmp_path / "mine.csv"
+    csv.write_text("ID,Split\ntrain_1,test\ntrain_2,train\ntestA_1,train\ntestB_1,train\n")
+    data = load_dataset(str(root), 16, cache_dir=tmp_path / "cache", split_file=csv)
+    assert [data.ids[i] for i in data.test] == ["train_1"] and data.split.startswith("split file mine.csv")
+
+
+def test_grouped_split_keeps_groups_together(tmp_path):
+    root = _frames(tmp_path / "clinic", 12)
+    csv = tmp_path / "sequences.csv"
+    groups = {i: f"seq{(i - 1) // 3 + 1}" for i in range(1, 13)}          # 4 sequences of 3 frames
+    csv.write_text("id,group\n" + "".join(f"{i},{g}\n" for i, g in groups.items()))
+    for seed in range(6):
+        data = load_dataset(f"{root}?split={csv}", 16, cache_dir=tmp_path / "cache", split_seed=seed)
+        test_groups = {groups[int(data.ids[i])] for i in data.test}
+        train_groups = {groups[int(data.ids[i])] for i in data.train}
+        assert not test_groups & train_groups and len(data.test) == 3     # round(0.2·12) = 2 → one group of 3
+        assert data.split.startswith("grouped by sequences.csv") and "4 groups" in data.split
+    splits = {tuple(load_dataset(f"{root}?split={csv}", 16, cache_dir=tmp_path / "cache", split_seed=s).test)
+              for s in range(6)}
+    assert len(splits) > 1                                                # the seed chooses the groups
+
+
+def test_grouped_split_function():
+    groups = ["a"] * 5 + ["b"] * 1 + ["c"] * 4
+    train, test = grouped_split(groups, seed=0)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(10))
+    assert len({groups[i] for i in test} & {groups[i] for i in train}) == 0 and len(test) >= 2
+    with pytest.raises(BenchError, match="at least 2 groups"):
+        grouped_split(["a", "a"], seed=0)
+
+
+@pytest.mark.parametrize("content, words", [
+    ("name,split\n1,train\n", "needs id and one of split"),
+    ("id,split,group\n1,train,a\n", "needs id and one of split"),
+    ("id,split\n1,validation\n", "split 'validation'; use train or test"),
+    ("id,split\n1,train\n1,test\n", "listed twice"),
+    ("id,split\n", "lists no images"),
+])
+def test_bad_split_files(tmp_path, content, words):
+    csv = tmp_path / "s.csv"
+    csv.write_text(content)
+    with pytest.raises(BenchError, match=words):
+        read_split_file(csv)
+
+
+def test_split_file_must_cover_every_image(tmp_path):
+    root = _frames(tmp_path / "set", 4)
+    csv = tmp_path / "s.csv"
+    csv.write_text("id,split\n1,train\n2,test\n")
+    with pytest.raises(BenchError, match=r"gives nothing for 2 of 4 image\(s\) \(3, 4\)"):
+        load_dataset(f"{root}?split={csv}", 16, cache_dir=tmp_path / "cache")
+    csv.write_text("id,split\n1,train\n2,train\n3,train\n4,train\n")
+    with pytest.raises(BenchError, match="no image on the test side"):
+        load_dataset(f"{root}?split={csv}", 16, cache_dir=tmp_path / "cache")
+    with pytest.raises(BenchError, match="cannot read split file"):
+        load_dataset(f"{root}?split={tmp_path / 'missing.csv'}", 16, cache_dir=tmp_path / "cache")

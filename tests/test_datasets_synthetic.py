@@ -89,3 +89,51 @@ def test_load_dataset_synthetic(tmp_path):
     assert other.fingerprint != data.fingerprint and not np.array_equal(other.images, data.images)
     default = load_dataset("synthetic-gland", 32, cache_dir=tmp_path)
     assert len(default.ids) == 200
+
+
+def test_skin_masks():
+    images, masks = generate("synthetic-skin", 64, 64, seed=0)
+    fractions = masks.reshape(64, -1).mean(axis=1)
+    assert fractions.min() >= 0.08 and fractions.max() <= 0.45 and fractions.std() > 0.05   # one large lesion
+    assert [ndimage.label(m)[1] for m in masks] == [1] * 64
+    centres = np.array([ndimage.center_of_mass(m) for m in masks])
+    assert np.abs(centres - 31.5).max() < 16                             # near the centre, as dermoscopy frames it
+    grey = images.astype(np.float64).mean(axis=1)
+    inside, outside = grey[masks == 1].mean(), grey[masks == 0].mean()
+    assert outside - inside > 20                                         # the lesion is darker than the skin
+    per_image = [(g[m == 1].mean() < g[m == 0].mean()) for g, m in zip(grey, masks, strict=True)]
+    assert all(per_image)
+    # coarse enough for stride-16 logits: every lesion is wider than one 16-pixel logit cell at 64 px
+    diameters = 2 * np.sqrt(masks.reshape(64, -1).sum(axis=1) / np.pi)
+    assert diameters.min() > 20
+
+
+def test_cell_masks():
+    images, masks = generate("synthetic-cell", 32, 64, seed=0)
+    fractions = masks.reshape(32, -1).mean(axis=1)
+    assert 0.15 < fractions.mean() < 0.4 and fractions.min() > 0.05
+    counts = np.array([ndimage.label(m)[1] for m in masks])
+    assert counts.min() >= 3 and counts.mean() > 5                       # many nuclei
+    sizes = np.concatenate([np.bincount(ndimage.label(m)[0].ravel())[1:] for m in masks])
+    assert np.median(sizes) > 100                                        # ≥ ~12 px across at 64 px
+    grey = images.astype(np.float64).mean(axis=1)
+    assert grey[masks == 0].mean() - grey[masks == 1].mean() > 40       # dark nuclei on a light background
+
+
+@pytest.mark.parametrize("name", ["synthetic-skin", "synthetic-cell"])
+def test_new_sets_load_and_cache(tmp_path, name):
+    data = load_dataset(name, 32, cache_dir=tmp_path, n=10)
+    images, masks = generate(name, 10, 32, seed=0)
+    assert np.array_equal(data.images, images) and np.array_equal(data.masks, masks)
+    again = load_dataset(name, 32, cache_dir=tmp_path, n=10)
+    assert again.fingerprint == data.fingerprint and data.mask_stats().empty == 0
+
+
+def test_existing_sets_unchanged():
+    """The default run's data: the bytes of synthetic-polyp and synthetic-gland at 64 px (seed 0) are fixed."""
+    import hashlib
+
+    expected = {"synthetic-polyp": "22e69c6bf526cd32", "synthetic-gland": "451e74eb98124b11"}
+    for name, digest in expected.items():
+        images, masks = generate(name, 200, 64, seed=0)
+        assert hashlib.sha256(images.tobytes() + masks.tobytes()).hexdigest()[:16] == digest, name

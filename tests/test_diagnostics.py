@@ -1,5 +1,6 @@
-"""Feature diagnostics (bench/reports/diagnostics.py): metrics on embeddings whose answers are known,
-the driver on a stub backbone whose features are known, and the files the report includes."""
+"""Feature diagnostics: the pure metrics of bench/reports/diagnostics.py on embeddings whose answers are
+known, the embedding driver of bench/diagnose.py on a stub backbone whose features are known, and the files
+the report includes."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ import pytest
 import torch
 from torch import nn
 
+from bench.diagnose import diagnose_backbone, embed_dataset, run_diagnostics
 from bench.errors import BenchError
 from bench.reports.diagnostics import (
     METRICS,
-    diagnose_backbone,
     dispersive_pairs,
     effective_rank,
     feature_variance,
     linear_separability,
     negative_similarity,
+    pixel_image_similarity,
     positive_similarity,
-    run_diagnostics,
     silhouette,
     tsne_panels,
     wrap_label,
@@ -60,6 +61,15 @@ def test_negative_similarity_uses_only_pairs_of_different_images():
     emb = np.array([[1.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
     assert negative_similarity(emb, np.array([0, 0, 1]), np.random.default_rng(0)) == pytest.approx(
         1 / math.sqrt(2))
+
+
+def test_pixel_image_similarity_skips_the_pixels_own_image():
+    # pixel p0 of image 0 = (1, 0), p1 of image 1 = (0, 1); keys: image 0 (1, 0), image 1 (1, 1)/√2, image 2 (0, 1)
+    # p0 with images 1, 2: 1/√2, 0; p1 with images 0, 2: 0, 1 → mean (1/√2 + 1)/4
+    emb = np.array([[2.0, 0.0], [0.0, 1.0]])
+    keys = np.array([[1.0, 0.0], [3.0, 3.0], [0.0, 5.0]])
+    assert pixel_image_similarity(emb, np.array([0, 1]), keys) == pytest.approx((1 / math.sqrt(2) + 1) / 4)
+    assert math.isnan(pixel_image_similarity(emb, np.array([0, 0]), keys[:1]))
 
 
 def test_silhouette_hand_computed_on_normalised_embeddings():
@@ -172,10 +182,22 @@ def test_diagnose_backbone_on_known_features():
     # on the unaugmented images every cell is pure red or pure green: two points, perfectly labelled
     assert out["silhouette"] == pytest.approx(1.0)
     assert out["linear_separability"] == 1.0
-    # image embeddings mix two colours in varying proportions: rank two (of three channels), not collapsed
-    assert 1.05 < out["effective_rank"] < 2.0
+    # pixel embeddings live in the three colour channels: not collapsed, at most D = 3
+    assert 1.05 < out["effective_rank"] <= 3.0
     assert 0.0 < out["feature_variance"] < 1 / 3
+    assert out["feature_spread"] == pytest.approx(3 * out["feature_variance"])
     assert -1.0 <= out["negative_similarity"] <= 1.0 and 0.0 < out["positive_similarity"] <= 1.0
+    assert -1.0 <= out["pixel_image_similarity"] <= 1.0
+
+
+def test_rankme_takes_enough_pixel_samples():
+    # 6 images of 64 px → 8×8 cells each, plus two views: 3 · 6 · 64 = 1152 samples, capped at 500
+    images, masks = red_green_set()
+    emb = embed_dataset(ColourPool(), images, masks, torch.Generator().manual_seed(0), rankme_samples=500)
+    assert emb.rank_pixels.shape == (500, 3)
+    emb = embed_dataset(ColourPool(), images, masks, torch.Generator().manual_seed(0), rankme_samples=10_000)
+    assert len(emb.rank_pixels) == 3 * 6 * 64  # every cell of the images and of both views
+    assert len(emb.rank_pixels) > len(images)  # far above the image count that capped RankMe before
 
 
 def test_diagnose_backbone_resnet_is_deterministic_and_restores_mode():
@@ -201,6 +223,8 @@ def test_run_diagnostics_writes_tables_and_plots(tmp_path):
     out = tmp_path / "diagnostics"
     assert len(df) == 6 and set(METRICS) <= set(df.columns)
     assert (df["n_images"] == 4).all()
+    assert (df.loc[df["method"] == "colour", "n_dims"] == 3).all()
+    assert (df.loc[df["method"] == "scratch", "rankme_samples"] >= 4 * 3).all()
     csv = pd.read_csv(out / "diagnostics.csv")
     assert list(csv["method"]) == ["scratch", "colour", "colour+disp"] * 2
     assert csv.loc[csv["method"] == "colour", "linear_separability"].tolist() == [1.0, 1.0]
@@ -208,7 +232,8 @@ def test_run_diagnostics_writes_tables_and_plots(tmp_path):
     same = csv.set_index(["method", "dataset"])[list(METRICS)]
     pd.testing.assert_frame_equal(same.loc["colour"], same.loc["colour+disp"])
     md = (out / "diagnostics.md").read_text()
-    assert "## polyps (4 test images)" in md and "| colour+disp |" in md
+    assert "Feature diagnostics on polyps: 4 test images" in md and "| colour+disp |" in md
+    assert "not comparable with the paper's values" in md and "RankMe over" in md
     tex = (out / "diagnostics.tex").read_text()
     assert tex.count("\\begin{tabular}") == 2 and "\\bottomrule" in tex
     for png in ("tsne_pixels.png", "tsne_images.png", "tsne_dispersive.png"):

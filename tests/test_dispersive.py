@@ -88,8 +88,24 @@ def test_hinge_by_hand():
 def test_cov_by_hand():
     # centred: [[-1/3, -2/3], [2/3, -2/3], [-1/3, 4/3]]; C01 = (2/9 - 4/9 - 4/9) / 2 = -1/3
     assert close(dispersive_loss(POINTS, "cov"), 2 * (1 / 3) ** 2)
-    assert close(dispersive_loss(POINTS, "cov", normalize=True), 2 * (1 / 3) ** 2 / 2)  # / D
+    # Med-DisSeg's Eq. 6 as printed whatever `normalize` says (it scales distances, and cov has none) ...
+    assert close(dispersive_loss(POINTS, "cov", normalize=True), 2 * (1 / 3) ** 2)
+    assert close(dispersive_loss(POINTS, "cov", cov_per_dim=True), 2 * (1 / 3) ** 2 / 2)  # ... the /D form on ask
     assert close(dispersive_loss(POINTS, "cov", include_self=True), 2 * (1 / 3) ** 2)  # no pairs
+
+
+def test_cov_default_is_eq_6_in_the_modifier_and_stage_one():
+    for spec in ("byol+disp", "dispersive"):
+        parsed = parse_method(spec)
+        cfg = parsed.modifiers[0][1] if parsed.modifiers else parsed.cfg
+        assert cfg["cov_per_dim"] is False and cfg["normalize"] is True
+    torch.manual_seed(0)
+    method = _method("byol+disp:variant=cov,layer=late,pool=gap,weight=1.0")
+    modifier = method.modifiers[0]
+    modifier.begin_step()
+    late = method.backbone(torch.randn(4, 3, 32, 32))[-1].mean(dim=(2, 3))
+    extra, _ = modifier.loss()
+    assert torch.allclose(extra, offdiagonal_covariance(late))  # not divided by D = 512
 
 
 def test_cov_gram_form_matches_the_d_by_d_matrix():
@@ -262,7 +278,7 @@ def _labelled_views(method, n: int = 4, size: int = 32, seed: int = 0) -> Views:
 def test_dispersive_entry_declares_labels_and_parses():
     cls = parse_method("dispersive").cls
     assert cls.uses_labels and cls.trains_on_labelled and cls.reads_labels(parse_method("dispersive").cfg)
-    assert cls.recipe == "photometric"
+    assert cls.recipe == "photometric" and cls.group == "flow/dispersive"
     with pytest.raises(BenchError, match="valid: .*weight="):
         parse_method("dispersive:bogus=1")
 
@@ -287,7 +303,7 @@ def test_dispersive_entry_shapes_and_one_sgd_step(size):
 def test_dispersive_entry_needs_masks():
     method = _method("dispersive")
     views = _views(torch.randn(4, 3, 32, 32))
-    with pytest.raises(BenchError, match="labelled subset"):
+    with pytest.raises(BenchError, match="trains on labelled images"):
         method.step(views, 0)
 
 

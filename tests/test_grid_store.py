@@ -1,9 +1,18 @@
-"""Spec → grid expansion, config hashing and checkpoint reuse, and the store's atomic records."""
+"""Spec → grid expansion, config hashing and checkpoint reuse, the store's atomic records, and the
+claims that let concurrent processes share a run folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.errors import BenchError
@@ -64,9 +73,9 @@ def test_skipped_methods_are_reported():
 
 
 def test_spec_validation_errors(tmp_path):
-    with pytest.raises(BenchError, match="not in \\(0, 1\\]"):
+    with pytest.raises(BenchError, match="fractions\\[0\\]: 0.0 is out of range; accepts a number in \\(0, 1\\]"):
         spec_from_dict({"fractions": [0.0]})
-    with pytest.raises(BenchError, match="not in \\(0, 1\\]"):
+    with pytest.raises(BenchError, match="accepts a number in \\(0, 1\\]"):
         spec_from_dict({"fractions": [1.5]})
     with pytest.raises(BenchError, match="unknown field"):
         spec_from_dict({"methodz": ["byol"]})
@@ -84,13 +93,13 @@ def test_spec_validation_errors(tmp_path):
 
 def test_store_refuses_another_spec_unless_forced(tmp_path):
     store = Store(tmp_path / "run")
-    store.claim(spec().to_dict())
-    store.claim(spec().to_dict())  # same spec: fine (resume)
+    store.bind_spec(spec().to_dict())
+    store.bind_spec(spec().to_dict())  # same spec: fine (resume)
     with pytest.raises(BenchError, match="different spec.*--force-new"):
-        store.claim(spec(seeds=(0,)).to_dict())
+        store.bind_spec(spec(seeds=(0,)).to_dict())
     store.write_cell("c1", {"cell_id": "c1", "method": "m", "dataset": "d", "fraction": 0.1, "seed": 0,
                             "status": "ok", "metrics": {"miou": 0.5}})
-    store.claim(spec(seeds=(0,)).to_dict(), force_new=True)
+    store.bind_spec(spec(seeds=(0,)).to_dict(), force_new=True)
     assert store.cell_done("c1"), "forcing a new spec must not destroy records"
     assert list((tmp_path / "run").glob("spec.previous-*.json"))
 
@@ -106,9 +115,15 @@ def test_results_table_flattens_records(tmp_path):
     store.write_cell("c1", {"cell_id": "c1", "method": "byol", "dataset": "d", "fraction": 0.1, "seed": 0,
                             "status": "ok", "metrics": {"miou": 0.5, "hd95": 3.0}, "cost": {"finetune_s": 2.0}})
     store.write_cell("c2", {"cell_id": "c2", "method": "byol", "dataset": "d", "fraction": 0.1, "seed": 1,
-                            "status": "failed", "error": "loss became nan"})
+                            "status": "failed", "error": "loss became nan", "precision": "fp32"})
+    store.write_cell("c3", {"cell_id": "c3", "method": "supervised", "dataset": "d", "fraction": 0.1, "seed": 0,
+                            "status": "ok", "metrics": {"miou": 0.7}, "numerics": "bf16", "reference": "upper",
+                            "eval": "native", "n_test": 4, "n_test_empty_gt": 1, "test_set": "kvasir", "seen": True})
     table = store.write_results()
-    assert list(table["status"]) == ["ok", "failed"]
+    assert list(table["status"]) == ["ok", "failed", "ok"]
+    assert table.loc[1, "precision_mode"] == "fp32" and table.loc[2, "precision_mode"] == "bf16"
+    assert table.loc[2, "reference"] == "upper" and table.loc[2, "n_test_empty_gt"] == 1
+    assert table.loc[2, "test_set"] == "kvasir" and pd.isna(table.loc[0, "test_set"])
     assert table.loc[0, "miou"] == 0.5 and table.loc[0, "finetune_s"] == 2.0
     assert table.loc[1, "error"] == "loss became nan"
     assert (tmp_path / "results.csv").is_file()
@@ -119,3 +134,83 @@ def test_method_lists_keep_override_commas():
 
     assert split_method_list("dicoh, byol:momentum=0.996,hidden_dim=512,cp2") == [
         "dicoh", "byol:momentum=0.996,hidden_dim=512", "cp2"]
+
+
+# --- claims ------------------------------------------------------------------------------------
+
+def test_claim_is_exclusive_and_always_released(tmp_path):
+    a, b = Store(tmp_path), Store(tmp_path)
+    with a.claim("cell-1") as mine:
+        assert mine
+        with b.claim("cell-1") as theirs:
+            assert not theirs
+        holder = json.loads((tmp_path / "claims" / "cell-1").read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        assert set(b.in_flight()) == {"cell-1"}
+    assert not (tmp_path / "claims" / "cell-1").exists() and b.in_flight() == {}
+    with pytest.raises(RuntimeError), a.claim("cell-2"):
+        raise RuntimeError("the work failed")
+    assert list((tmp_path / "claims").iterdir()) == []
+
+
+def _write_claim(path: Path, **holder) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"started": "2024-05-01T12:00:00", "nonce": "n", **holder}))
+
+
+def test_stale_claims_are_taken_over(tmp_path):
+    path = tmp_path / "claims" / "job"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    _write_claim(path, pid=ended.pid, host=socket.gethostname())
+    lines: list[str] = []
+    store = Store(tmp_path, report=lines.append)
+    assert store.in_flight() == {}
+    store.wait_released("job")  # returns at once: its owner is gone
+    with store.claim("job") as mine:
+        assert mine
+    assert lines == [f"claims/job: took over the stale claim of pid {ended.pid} on {socket.gethostname()} "
+                     "(started 2024-05-01T12:00:00)"]
+    _write_claim(path, pid=1, host="another-node")  # fresh heartbeat on another host: held
+    with store.claim("job") as mine:
+        assert not mine
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # no heartbeat for an hour: stale
+    with store.claim("job") as mine:
+        assert mine
+    _write_claim(path, pid=os.getpid(), host=socket.gethostname())  # this process's own leftover
+    with store.claim("job") as mine:
+        assert mine
+    path.write_text("")  # unreadable, recent: someone is writing it
+    with store.claim("job") as mine:
+        assert not mine
+
+
+def test_heartbeat_keeps_a_long_claim_fresh(tmp_path):
+    store = Store(tmp_path, heartbeat_s=0.01)
+    path = tmp_path / "claims" / "job"
+    with store.claim("job"):
+        os.utime(path, (0, 0))
+        for _ in range(500):
+            if path.stat().st_mtime > 0:
+                break
+            time.sleep(0.01)
+        assert path.stat().st_mtime > 0
+
+
+def test_wait_released_returns_when_the_holder_finishes(tmp_path):
+    holder, waiter = Store(tmp_path), Store(tmp_path)
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with holder.claim("cell"):
+            held.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(30)
+    threading.Timer(0.05, done.set).start()
+    waiter.wait_released("cell", poll_s=0.01)
+    assert not (tmp_path / "claims" / "cell").exists()
+    thread.join()

@@ -13,7 +13,8 @@ from bench import augment
 from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import build_method, parse_method
-from bench.methods.cp2 import CP2, cp2_dense_loss, mask_pool, shuffled_key_forward
+from bench.methods.cp2 import CP2, cp2_dense_loss, mask_pool
+from bench.methods.queue import key_forward
 from bench.models import SegmentationModel, create_backbone, load_aspp
 
 
@@ -44,8 +45,8 @@ def hand_views(b: int = 4, size: int = 64, seed: int = 0, ids: torch.Tensor | No
 def test_parse_defaults_and_bogus_key():
     spec = parse_method("cp2")
     assert spec.cfg == {"momentum": 0.999, "queue": 65536, "temperature": 0.2, "dense_weight": 0.2,
-                        "proj_dim": 128, "export_head": True, "shuffle_bn": True}
-    assert CP2.output_stride == 16 and CP2.recipe == "mocov2"
+                        "proj_dim": 128, "export_head": True, "shuffle_bn": True, "exclude_self": True}
+    assert CP2.output_stride == 16 and CP2.recipe == "mocov2" and CP2.group == "dense contrastive"
     with pytest.raises(BenchError, match="valid: momentum=.*dense_weight=.*export_head"):
         parse_method("cp2:bogus=1")
 
@@ -202,7 +203,39 @@ def test_shuffled_key_forward_restores_the_batch_order():
     encoder = method.target_encoder.eval()  # eval BN: the result must not depend on the sub-batches
     x = hand_views(b=8).x2
     torch.manual_seed(3)
-    torch.testing.assert_close(shuffled_key_forward(encoder, x), encoder(x), rtol=1e-4, atol=1e-5)
+    (out,) = key_forward(lambda t: (encoder(t),), x, shuffle_bn=True)
+    torch.testing.assert_close(out, encoder(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_instance_loss_by_hand_with_and_without_same_image_keys(exclude_self):
+    """L_ins = InfoNCE of the mask-pooled query against its key and the queue; a queued key of the query's
+    own image is dropped by default and kept with ``exclude_self=false`` (the official code)."""
+    method = build(f"cp2:shuffle_bn=false,exclude_self={str(exclude_self).lower()}", pool_size=8)
+    views = hand_views(ids=torch.tensor([10, 11, 12, 13]))
+    with torch.no_grad():
+        q, (h, w) = method._dense(views.x1)
+        mask_q, mask_k = method.cell_masks(views.paste1, h, w), method.cell_masks(views.paste2, h, w)
+        q_pooled = mask_pool(q, mask_q)
+        _, k_pooled = method._keys(views.x2, mask_k)
+        method.queue.keys[:4] = k_pooled  # stale copies of the current images' keys
+        method.queue.ids[:4] = views.image_ids
+        queue = method.queue.keys.clone()
+        _, logs = method.step(views, 0)
+    expected = 0.0
+    for i in range(4):
+        keep = [j for j in range(8) if j != i or not exclude_self]
+        logits = torch.cat([(q_pooled[i] @ k_pooled[i])[None], q_pooled[i] @ queue[keep].t()]) / 0.2
+        expected += -torch.log_softmax(logits, dim=0)[0].item() / 4
+    assert logs["loss_ins"].item() == pytest.approx(expected, rel=1e-4)
+    if not exclude_self:  # the own key is a copy of the positive: the loss is at least log 2
+        assert logs["loss_ins"].item() > math.log(2)
+
+
+def test_pretraining_aspp_has_the_stride_16_rates():
+    method = build()
+    dilations = [m.dilation for m in method.aspp.modules() if isinstance(m, torch.nn.Conv2d) and m.dilation != (1, 1)]
+    assert dilations == [(6, 6), (12, 12), (18, 18)]
 
 
 # --- export -------------------------------------------------------------------------------------

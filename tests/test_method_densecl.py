@@ -45,7 +45,11 @@ def flat(features: torch.Tensor) -> torch.Tensor:
 def test_defaults_and_overrides():
     spec = parse_method("densecl")
     assert spec.cfg == {"momentum": 0.999, "queue": 65536, "temperature": 0.2, "proj_dim": 128,
-                        "hidden_dim": 2048, "shuffle_bn": True, "loss_lambda": 0.5, "warmup_steps": 0}
+                        "hidden_dim": 2048, "shuffle_bn": True, "exclude_self": True, "loss_lambda": 0.5,
+                        "warmup_steps": 0}
+    assert spec.cls.group == "dense contrastive"
+    with pytest.raises(BenchError, match="loss_lambda=1.5 is out of range"):
+        parse_method("densecl:loss_lambda=1.5")
     assert spec.cls.recipe == "mocov2"
     assert parse_method("densecl:warmup_steps=1000").cfg["warmup_steps"] == 1000
     with pytest.raises(BenchError, match="valid: momentum.*loss_lambda.*warmup_steps"):
@@ -125,10 +129,12 @@ def test_dense_info_nce_is_info_nce_over_all_locations():
     assert dense_info_nce(q, q, queue, 0.2) < shuffled  # identical positives: a lower loss
 
 
-def test_training_step_by_hand():
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_training_step_by_hand(exclude_self):
     """Global and dense losses recomputed from the modules with plain torch; a queue row holding a
-    current image's key under its id is excluded for that image only."""
-    method = make_densecl(shuffle_bn=False, pool_size=8)  # K = 8
+    current image's key under its id is excluded for that image only (kept with ``exclude_self=false``,
+    the official code)."""
+    method = make_densecl(shuffle_bn=False, pool_size=8, exclude_self=exclude_self)  # K = 8
     views = hand_views(ids=torch.tensor([10, 11, 12, 13]))
     tau = 0.2
     with torch.no_grad():
@@ -151,8 +157,11 @@ def test_training_step_by_hand():
         logits = torch.cat([(query @ positive)[None], query @ negatives.t()]) / tau
         return -torch.log_softmax(logits, dim=0)[0]
 
-    expected_global = sum(nce(q[i], k[i], global_queue[1:] if i == 1 else global_queue) for i in range(4)) / 4
-    expected_dense = sum(nce(q_grid[i, s], k_grid[i, best[i, s]], dense_queue[1:] if i == 1 else dense_queue)
+    def negatives(queue, i):
+        return queue[1:] if i == 1 and exclude_self else queue
+
+    expected_global = sum(nce(q[i], k[i], negatives(global_queue, i)) for i in range(4)) / 4
+    expected_dense = sum(nce(q_grid[i, s], k_grid[i, best[i, s]], negatives(dense_queue, i))
                          for i in range(4) for s in range(4)) / 16
     assert logs["loss_global"].item() == pytest.approx(expected_global.item(), rel=1e-4)
     assert logs["loss_dense"].item() == pytest.approx(expected_dense.item(), rel=1e-4)

@@ -1,4 +1,4 @@
-"""DiCoH's defining properties (DESIGN.md §12 "dicoh"): image-level queue keys as pixel-to-image
+"""DiCoH's defining properties (docs/methods.md, "dicoh"): image-level queue keys as pixel-to-image
 negatives with a percentile cut, spatial (R) and similarity (M) positives, λ-mix of local and global
 InfoNCE, a target that moves only by EMA, and every ablation override changing the computation it names.
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from bench.augment import Views, to_input
 from bench.errors import BenchError
+from bench.geometry import nearest_cells
 from bench.methods import build_method, parse_method
 from bench.methods.base import cosine_momentum
 from bench.methods.dicoh import (
@@ -131,6 +132,9 @@ def test_parse_defaults_and_errors():
     assert spec.cfg["percentile"] == 75 and spec.cfg["momentum"] == 0.99
     assert (spec.cfg["predictor"], spec.cfg["negatives"], spec.cfg["positives"],
             spec.cfg["global_projector"]) == ("sym", "image", "both", "shared")
+    assert spec.cfg["direction"] == "symmetric" and spec.cls.group == "dense contrastive"
+    with pytest.raises(BenchError, match="lambda=2 is out of range"):
+        parse_method("dicoh:lambda=2")
     assert parse_method("dicoh:percentile=50,lambda=1").cfg["lambda"] == 1.0
     with pytest.raises(BenchError, match=r"valid: momentum.*percentile=0\|50\|75.*predictor=sym\|asym"):
         parse_method("dicoh:bogus=1")
@@ -283,6 +287,37 @@ def test_local_and_global_terms_use_image_level_queue_keys_and_lambda_temperatur
     assert variants["temperature=0.5"].training_step(views, 0)[0].item() == pytest.approx(
         0.5 * (spatial5 + similar5) + 0.5 * glob5, rel=1e-4)
     assert abs(glob5 - glob) > 1e-2 and abs(spatial5 - spatial) > 1e-2
+
+
+def test_one_way_direction_is_the_literal_equations():
+    """``direction=one-way``: query view 1 against key view 2 only (Eqs. 1-5 as printed), only view 2's
+    keys enqueued; the default averages that with the reverse direction and enqueues both views."""
+    method = make_dicoh()
+    one_way = make_dicoh(direction="one-way")
+    set_queue(method, seed=4)
+    same_weights(one_way, method)
+    keys, key_ids = method.queue.keys.clone(), method.queue.ids.clone()
+    views = hand_views(seed=2, box2=(0.0, 0.0, 0.75, 1.0))  # R differs from the identity
+    (o1, o2), (t1, t2) = embeddings(method, views)
+    bank = (keys, key_ids, views.image_ids)
+
+    def terms(oq, tk, boxes):
+        index, valid = nearest_cells(*boxes, 2, 2)
+        spatial = hand_local(oq[1], tk[1], index, valid, 0.2, 75, *bank)
+        similar = hand_local(oq[1], tk[1], brute_argmax(oq[0], tk[0]), torch.ones_like(valid), 0.2, 75, *bank)
+        glob = hand_global(oq[2], tk[2], keys, key_ids, views.image_ids, 0.2)
+        return 0.5 * (spatial + similar) + 0.5 * glob
+
+    geo1, geo2 = (views.box1, views.flip1), (views.box2, views.flip2)
+    forward = terms(o1, t2, (*geo1, *geo2)).item()
+    backward = terms(o2, t1, (*geo2, *geo1)).item()
+    loss_one_way, _ = one_way.training_step(views, 0)
+    loss_symmetric, _ = method.training_step(views, 0)
+    assert loss_one_way.item() == pytest.approx(forward, rel=1e-4)
+    assert loss_symmetric.item() == pytest.approx((forward + backward) / 2, rel=1e-4)
+    assert abs(forward - backward) > 1e-3  # the two forms differ on this input
+    assert int(one_way.queue.ptr) == 2 and int(method.queue.ptr) == 4
+    torch.testing.assert_close(one_way.queue.keys[:2], t2[2], rtol=1e-5, atol=1e-6)  # view 2's keys only
 
 
 def test_pixel_negatives_are_the_key_views_other_pixels():

@@ -141,6 +141,9 @@ def test_registry_entry_and_labels():
         parse_method("meanflow:bogus=1")
     with pytest.raises(BenchError, match="target=online\\|ema"):
         parse_method("meanflow:target=both")
+    assert spec.cfg["target"] == "online" and spec.cfg["ema_latent"] == "online" and spec.cls.group == "flow/dispersive"
+    with pytest.raises(BenchError, match="add target=ema"):
+        _method("meanflow:ema_latent=ema")
 
 
 def test_meanflow_plus_disp_hooks_penultimate_stage():
@@ -164,11 +167,12 @@ def test_shapes_at_two_resolutions(size):
     assert loss.ndim == 0 and torch.isfinite(loss) and 0 < float(loss.detach()) <= 1
 
 
-def test_one_sgd_step_with_ema_target():
+@pytest.mark.parametrize("latent,n_pairs", [("online", 1), ("ema", 2)])
+def test_one_sgd_step_with_ema_target(latent, n_pairs):
     torch.manual_seed(0)
-    method = _method("meanflow:target=ema,domain=image")
-    pairs = method.momentum_pairs()
-    assert len(pairs) == 2 and method.momentum_at(0) == method.momentum_at(999) == 0.999
+    method = _method(f"meanflow:target=ema,ema_latent={latent},domain=image")
+    pairs = method.momentum_pairs()  # the EMA head; the EMA encoder too when the target uses its latent
+    assert len(pairs) == n_pairs and method.momentum_at(0) == method.momentum_at(999) == 0.999
     online_before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     target_before = [[p.clone() for p in target.parameters()] for _, target in pairs]
     loss, _ = method.step(_views(torch.randn(4, 3, 32, 32)), 0)
@@ -187,9 +191,41 @@ def test_one_sgd_step_with_ema_target():
             assert torch.allclose(p_target, m * p_before + (1 - m) * p_online, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("latent", ["online", "ema"])
+def test_ema_target_by_hand(latent):
+    """``target=ema``: u_tgt = v − (t − r)·du/dt of the EMA head. SpectraFlow's Eq. 3 (``ema_latent=online``,
+    the default) evaluates it at the online z_t, so the EMA encoder plays no part; ``ema_latent=ema`` uses
+    the EMA encoder's own latent z_t′ (same ε, t, r)."""
+    method = _method(f"meanflow:target=ema,ema_latent={latent},domain=image")
+    with torch.no_grad():  # EMA head (and encoder) ≠ online, as after some steps
+        for p in method.target_head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        if latent == "ema":
+            for p in method.target_backbone.parameters():
+                p.mul_(1.1)
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(3)
+    loss, logs = method.step(_views(x), 0)
+    torch.manual_seed(3)  # replay the step's draws: t, r, then ε
+    z0 = method.backbone(x)[-1].float()
+    t, r = sample_times(4, -0.4, 1.0, 0.25)
+    noise = torch.randn_like(z0)
+    z_t, v = interpolate(z0, noise, t)
+    u = method.head(z_t, r, t)
+    if latent == "ema":
+        z_t, v = interpolate(method.target_backbone(x)[-1].float(), noise, t)
+    _, dudt = u_and_dudt(method.target_head, z_t.detach(), v.detach(), r, t)
+    expected, delta2 = meanflow_loss(u, meanflow_target(v, dudt, r, t))
+    # L ≈ 1 while Δ² ≫ c, so the per-sample Δ² is the sensitive comparison
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(logs["delta2"], delta2.mean(), rtol=1e-5)
+    _, online = meanflow_loss(u, meanflow_target(v, u_and_dudt(method.head, z_t, v, r, t)[1], r, t))
+    assert not torch.allclose(delta2, online, rtol=1e-3)  # the EMA head's target is not the online one
+
+
 def test_online_target_has_no_ema_and_exports():
     method = _method("meanflow:domain=image")
-    assert method.momentum_pairs() == [] and not hasattr(method, "ema_backbone")
+    assert method.momentum_pairs() == [] and not hasattr(method, "target_backbone")
     state = method.export()
     assert set(state) == {"backbone"}
     create_backbone("resnet18", output_stride=16).load_state_dict(state["backbone"], strict=True)
@@ -198,7 +234,7 @@ def test_online_target_has_no_ema_and_exports():
         for p in ema.backbone.parameters():
             p.add_(1.0)  # online and EMA weights now differ: export must take the EMA copy
     exported = ema.export()["backbone"]
-    ema_state = ema.ema_backbone.state_dict()
+    ema_state = ema.target_backbone.state_dict()
     assert all(torch.equal(exported[k], ema_state[k]) for k in ema_state)
 
 
@@ -225,7 +261,7 @@ def test_mixed_views_put_masks_in_inputs_only():
     generator = torch.Generator().manual_seed(3)
     mixed, is_mask = mix_mask_inputs(images, masks, 0.5, generator)
     reference = augment.make_views(mixed, "light", 32, generator, image_ids=torch.arange(4))
-    assert torch.equal(views.x1, reference.x1) and torch.equal(views.extra["mask_input"], is_mask)
+    assert torch.equal(views.x1, reference.x1) and int(is_mask.sum()) == 2
     assert views.masks is None  # consumed as inputs; nothing is left to be used as a target
     other = method.make_views(images, torch.arange(4), torch.Generator().manual_seed(3),
                               masks=_masks(4, 32, seed=2))
@@ -241,7 +277,7 @@ def test_image_domain_ignores_masks():
     a = method.make_views(images, torch.arange(4), torch.Generator().manual_seed(3), masks=_masks(4, 32, 1))
     b = method.make_views(images, torch.arange(4), torch.Generator().manual_seed(3), masks=_masks(4, 32, 2))
     c = method.make_views(images, torch.arange(4), torch.Generator().manual_seed(3))
-    assert torch.equal(a.x1, b.x1) and torch.equal(a.x1, c.x1) and not bool(a.extra["mask_input"].any())
+    assert torch.equal(a.x1, b.x1) and torch.equal(a.x1, c.x1)
 
 
 @pytest.mark.parametrize("domain", ["image", "mixed"])
@@ -295,6 +331,11 @@ def test_head_skip_starts_at_zero():
 def test_spectraflow_preset():
     spec = load_spec(PRESET_DIR / "spectraflow.yaml")
     assert spec.fractions == (0.1, 0.2, 0.5, 1.0)
-    assert {"scratch", "meanflow:domain=image", "meanflow",
-            "meanflow+disp:weight=0.4,layer=penultimate"} <= set(spec.methods)
+    assert {"scratch", "meanflow:domain=image", "meanflow", "meanflow:head_skip=false",
+            "meanflow+disp:weight=0.4,layer=penultimate,pool=gap,normalize=false"} <= set(spec.methods)
+    full = parse_method("meanflow+disp:weight=0.4,layer=penultimate,pool=gap,normalize=false")
+    (_, disp_cfg, _), = full.modifiers  # SpectraFlow Eq. 5: GAP'd penultimate stage, no division by D
+    assert (disp_cfg["layer"], disp_cfg["pool"], disp_cfg["normalize"], disp_cfg["weight"]) == \
+        ("penultimate", "gap", False, 0.4)
+    assert parse_method("meanflow:head_skip=false").cfg["head_skip"] is False
     assert spec.pretrain.optimizer == "adamw" and spec.pretrain.lr == 1e-5

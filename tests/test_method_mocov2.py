@@ -48,7 +48,8 @@ def target_key(method, x: torch.Tensor) -> torch.Tensor:
 def test_defaults_and_overrides():
     spec = parse_method("mocov2")
     assert spec.cfg == {"momentum": 0.999, "queue": 65536, "temperature": 0.2, "proj_dim": 128,
-                        "hidden_dim": 2048, "shuffle_bn": True}
+                        "hidden_dim": 2048, "shuffle_bn": True, "exclude_self": True}
+    assert spec.cls.group == "global contrastive" and spec.cls.momentum_schedule == "constant"
     assert spec.cls.recipe == "mocov2"
     assert parse_method("mocov2:shuffle_bn=false,queue=4096").cfg["shuffle_bn"] is False
     with pytest.raises(BenchError, match="valid: momentum.*queue.*temperature.*shuffle_bn"):
@@ -67,9 +68,11 @@ def test_heads_queue_capping_and_constant_momentum():
     assert make_moco(momentum=0.99).momentum_at(7) == 0.99
 
 
-def test_training_step_is_info_nce_with_current_images_excluded():
-    """The loss by hand: queue rows holding the batch's own keys are dropped for their own query."""
-    method = make_moco(shuffle_bn=False, pool_size=8)  # K = 8
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_training_step_is_info_nce_with_current_images_excluded(exclude_self):
+    """The loss by hand: queue rows holding the batch's own keys are dropped for their own query; with
+    ``exclude_self=false`` (the official code) they stay among the negatives."""
+    method = make_moco(shuffle_bn=False, pool_size=8, exclude_self=exclude_self)  # K = 8
     views = hand_views(ids=torch.tensor([10, 11, 12, 13]))
     with torch.no_grad():
         q, k = online_query(method, views.x1), target_key(method, views.x2)
@@ -81,12 +84,27 @@ def test_training_step_is_info_nce_with_current_images_excluded():
     loss, logs = method.step(views, 0)
     expected = 0.0
     for i in range(4):
-        keep = [j for j in range(8) if j != i]  # row i is image i's own stale key
+        keep = [j for j in range(8) if j != i or not exclude_self]  # row i is image i's own stale key
         logits = torch.cat([(q[i] @ k[i])[None], q[i] @ queue[keep].t()]) / 0.2
         expected += -torch.log_softmax(logits, dim=0)[0] / 4
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert set(logs) >= {"loss", "std"}
     assert 0 < logs["std"] < 1
+
+
+def test_exclude_self_false_keeps_same_image_keys_and_raises_the_loss():
+    """A stale key of the query's own image is a near-copy of its positive: as a negative (official) it
+    raises the loss, by exactly the log-sum-exp term it adds."""
+    views = hand_views(ids=torch.tensor([10, 11, 12, 13]))
+    losses = {}
+    for exclude_self in (True, False):
+        method = make_moco(shuffle_bn=False, pool_size=8, exclude_self=exclude_self)
+        with torch.no_grad():
+            k = target_key(method, views.x2)
+            method.queue.keys[:4] = k
+            method.queue.ids[:4] = views.image_ids
+        losses[exclude_self] = method.step(views, 0)[0].item()
+    assert losses[False] > losses[True] + 0.1
 
 
 def test_queue_is_fifo_of_normalised_keys_and_ids():

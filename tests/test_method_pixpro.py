@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from conftest import random_images, tiny_backbone, tiny_context
 
-from bench.augment import Views
+from bench.augment import Views, make_views
 from bench.errors import BenchError
+from bench.geometry import positive_pairs
 from bench.methods import build_method, parse_method
 from bench.methods.pixpro import pixpro_loss, propagate
 
@@ -31,7 +32,7 @@ def hand_views(b: int = 4, size: int = 64, seed: int = 0, same: bool = False) ->
     box2 = box1.clone() if same else torch.tensor([[0.0, 0.0, 0.5, 1.0]]).repeat(b, 1)
     no_flip = torch.zeros(b, dtype=torch.bool)
     return Views(x1=x1, x2=x2, box1=box1, box2=box2, flip1=no_flip, flip2=no_flip.clone(),
-                 image_ids=torch.arange(b))
+                 image_ids=torch.arange(b), source_size=(size, size))
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -47,10 +48,12 @@ def test_parse_defaults_and_bogus_key():
 # --- geometry -----------------------------------------------------------------------------------
 
 def test_positive_mask_matches_hand_computed_boxes():
-    # View 1 = full image, view 2 = left half, 2×2 grid. Centres (x, y): view 1 (.25|.75, .25|.75),
-    # view 2 (.125|.375, .25|.75). Bin diagonals: view 1 √(.5²+.5²) = .7071, view 2 √(.25²+.5²) = .559;
-    # the larger is .7071, so T = 0.7 means distance < .495. Distances: same row, near column .125
-    # → positive; across rows ≥ √(.125²+.5²) = .515 → negative; (.75 vs .125) = .625 → negative.
+    # Source 64×64, view 1 = full image, view 2 = its left 32 columns, 2×2 grid. Official coordinates
+    # x/(W−1): view 1 spans x 0..63/63 = 1, view 2 x 0..31/63 = .4921. Centres (x, y): view 1 (.25|.75,
+    # .25|.75), view 2 (.1230|.3690, .25|.75). Bin diagonals: view 1 √(.5²+.5²) = .7071, view 2
+    # √(.2460²+.5²) = .5573; the larger is .7071, so T = 0.7 means distance < .495. Same row: .25 vs
+    # .1230/.3690 → positive, .75 vs .3690 (.381) positive, .75 vs .1230 (.627) negative; across rows
+    # ≥ .5 → negative.
     method = build()
     views = hand_views()
     expected = torch.tensor([[1, 1, 0, 0],
@@ -61,19 +64,66 @@ def test_positive_mask_matches_hand_computed_boxes():
     assert mask.shape == (4, 4, 4)
     assert torch.equal(mask[0], expected)
     assert torch.equal(method.positive_mask(views, 2, 2, reverse=True)[0], expected.t())
-    # Flipping view 2 mirrors its columns: column 0 now sits at x = .375, column 1 at x = .125.
+    # Flipping view 2 mirrors its columns: column 0 now sits at x = .3690, column 1 at x = .1230.
     views.flip2[:] = True
     flipped = torch.tensor([[1, 1, 0, 0],
                             [1, 0, 0, 0],
                             [0, 0, 1, 1],
                             [0, 0, 1, 0]], dtype=torch.bool)
     assert torch.equal(method.positive_mask(views, 2, 2)[0], flipped)
-    # The method's threshold is used: at T = 0.8 (distance < .566) the cross-row pairs at .515 join.
+    # The method's threshold is used: at T = 0.8 (distance < .566) the cross-row pairs at .516 join.
     loose = build("pixpro:threshold=0.8").positive_mask(hand_views(), 2, 2)[0]
     assert torch.equal(loose, torch.tensor([[1, 1, 1, 1],
                                             [0, 1, 0, 0],
                                             [1, 1, 1, 1],
                                             [0, 0, 0, 1]], dtype=torch.bool))
+
+
+
+def official_positive_mask(box1, flip1, box2, flip2, height, width, h, w, threshold):
+    """PixPro's official code transcribed: ``RandomResizedCropCoord`` (coord of the crop's first and last
+    pixel over W − 1, H − 1; a flip swaps x0 and x1) and ``regression_loss``'s centres and bin diagonals."""
+    def coord(box, flip):
+        j, i = box[:, 0] * width, box[:, 1] * height
+        cw, ch = (box[:, 2] - box[:, 0]) * width, (box[:, 3] - box[:, 1]) * height
+        c = torch.stack([j / (width - 1), i / (height - 1), (j + cw - 1) / (width - 1),
+                         (i + ch - 1) / (height - 1)], dim=1).double()
+        return torch.where(flip[:, None], c[:, [2, 1, 0, 3]], c)
+
+    q, k = coord(box1, flip1), coord(box2, flip2)
+    xs = torch.arange(w, dtype=torch.float64).view(1, 1, -1).repeat(1, h, 1)
+    ys = torch.arange(h, dtype=torch.float64).view(1, -1, 1).repeat(1, 1, w)
+    qw, qh = ((q[:, 2] - q[:, 0]) / w).view(-1, 1, 1), ((q[:, 3] - q[:, 1]) / h).view(-1, 1, 1)
+    kw, kh = ((k[:, 2] - k[:, 0]) / w).view(-1, 1, 1), ((k[:, 3] - k[:, 1]) / h).view(-1, 1, 1)
+    diag = torch.max(torch.sqrt(qw**2 + qh**2), torch.sqrt(kw**2 + kh**2))
+    qx, qy = (xs + 0.5) * qw + q[:, 0].view(-1, 1, 1), (ys + 0.5) * qh + q[:, 1].view(-1, 1, 1)
+    kx, ky = (xs + 0.5) * kw + k[:, 0].view(-1, 1, 1), (ys + 0.5) * kh + k[:, 1].view(-1, 1, 1)
+    dist = torch.sqrt((qx.view(-1, h * w, 1) - kx.view(-1, 1, h * w)) ** 2
+                      + (qy.view(-1, h * w, 1) - ky.view(-1, 1, h * w)) ** 2) / diag
+    return dist < threshold
+
+
+def test_positive_mask_follows_the_official_coordinates():
+    """On real crops of a small source the mask is the official code's, which differs from x/W edges."""
+    method = build()
+    images = random_images(64, 12, seed=5)  # a 12×12 source: the W − 1 convention matters most
+    views = make_views(images, "byol", 64, torch.Generator().manual_seed(0))
+    assert views.source_size == (12, 12)
+    for reverse in (False, True):
+        first = (views.box1, views.flip1, views.box2, views.flip2)
+        if reverse:
+            first = (views.box2, views.flip2, views.box1, views.flip1)
+        expected = official_positive_mask(*first, 12, 12, 3, 3, 0.7)
+        assert torch.equal(method.positive_mask(views, 3, 3, reverse=reverse), expected)
+    edges = positive_pairs(views.box1, views.flip1, views.box2, views.flip2, 3, 3, threshold=0.7)
+    assert not torch.equal(edges, method.positive_mask(views, 3, 3))  # x/W would differ on some pairs
+
+
+def test_positive_mask_needs_the_source_size():
+    views = hand_views()
+    views.source_size = None
+    with pytest.raises(BenchError, match="source_size"):
+        build().positive_mask(views, 2, 2)
 
 
 # --- pixel propagation and loss ----------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 
 from bench import datasets
 from bench.errors import BenchError
+from bench.grid import build_grid
 from bench.metrics import segmentation_metrics, summarize
 from bench.models import (
     SegmentationModel,
@@ -17,8 +18,9 @@ from bench.models import (
     dice_bce_loss,
     imagenet_weights_available,
 )
-from bench.protocol import batches, finetune, lr_factor, resolve_precision
-from bench.spec import Schedule
+from bench.protocol import FinetuneData, batches, finetune, lr_factor
+from bench.runtime import Runtime
+from bench.spec import BenchmarkSpec, DatasetEntry, Schedule
 
 
 def test_segmentation_model_predicts_at_input_size():
@@ -84,18 +86,16 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(100, 100, 10) == pytest.approx(0.0)
 
 
-def test_precision_resolution():
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
-
-
 def test_scratch_clearly_beats_constant_predictions(tmp_path):
     """The quick preset's promise at a smaller size: fine-tuning from scratch on 10% of a synthetic
     set learns, beating both the all-background and the all-foreground prediction by a margin."""
     data = datasets.load_dataset("synthetic-polyp", 64, tmp_path, n=100)
     chosen = datasets.label_fraction(data.train, 0.1, seed=0)
-    result = finetune("scratch", "resnet18", data.images, data.masks, chosen, data.test, data.ids,
-                      Schedule(size=64, steps=40, batch_size=8, lr=1e-3), 0, torch.device("cpu"), "fp32")
+    spec = BenchmarkSpec(methods=("scratch",), datasets=(DatasetEntry("synthetic-polyp", 100),), fractions=(0.1,),
+                         seeds=(0,), finetune=Schedule(size=64, steps=40, batch_size=8, lr=1e-3))
+    cell = build_grid(spec).cells[0]
+    result = finetune(cell, FinetuneData(data.images, data.masks, data.ids, chosen, data.test),
+                      Runtime(torch.device("cpu"), "fp32"))
     truth = data.masks[data.test] > 0
     background = summarize(segmentation_metrics(np.zeros_like(truth), truth))["miou"]
     foreground = summarize(segmentation_metrics(np.ones_like(truth), truth))["miou"]

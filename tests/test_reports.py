@@ -1,7 +1,8 @@
 """Rank statistics, rank tables, LaTeX, cliques and CSV validation of bench.reports (no figures here).
 
-Reference numbers: Demšar (2006) §3.2.2, Table 6, recomputed from the printed table (DESIGN.md §9),
-and small cases computed by hand in the comments.
+Reference numbers: Demšar (2006) §3.2.2, Table 6, recomputed from the printed table (docs/reports.md);
+Friedman's exact distribution against the published table (Siegel & Castellan 1988, Table M); sample
+sizes of the paired t-test against Cohen (1988) / G*Power; small cases computed by hand in the comments.
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ from scipy import stats as sps
 
 from bench.errors import BenchError
 from bench.reports import load_results
-from bench.reports.load import lower_is_better
+from bench.reports.load import lower_is_better, metric_direction
 from bench.reports.ranks import rank_rows, rank_tables, ranks_frame
 from bench.reports.stats import (
     analyse,
-    bootstrap_mean_ci,
     cliques,
     critical_difference,
     friedman_chi2,
+    friedman_exact_p,
     holm,
     iman_davenport,
     nemenyi_q,
     run_analyses,
+    standardised_effect,
+    t_interval,
     tie_correction,
     wilcoxon_p,
 )
@@ -122,10 +125,42 @@ def test_two_methods_by_hand():
 
 def test_friedman_formula_and_iman_davenport_edges():
     assert friedman_chi2([1.0, 2.0, 3.0], n=4) == pytest.approx(8.0)  # 12·4/12·(14 − 12)
-    ff, df1, df2, p = iman_davenport(8.0, n=4, k=3)  # identical rankings: N(k−1) = χ²
-    assert math.isinf(ff) and p == 0.0 and (df1, df2) == (2, 6)
+    ff, df1, df2, p = iman_davenport(8.0, n=4, k=3)  # identical rankings: N(k−1) = χ², F undefined
+    assert math.isinf(ff) and math.isnan(p) and (df1, df2) == (2, 6)
     ff, *_ = iman_davenport(2.0, n=4, k=3)
     assert ff == pytest.approx(3 * 2.0 / (8 - 2.0))
+
+
+def test_exact_friedman_matches_the_published_table_and_brute_force():
+    # Siegel & Castellan (1988) Table M (Friedman 1937): P(χ²_r ≥ x)
+    published = [(3, 3, 6.0, 0.028), (3, 4, 6.5, 0.042), (3, 4, 8.0, 0.0046), (3, 5, 5.2, 0.093),
+                 (3, 5, 6.4, 0.039), (4, 3, 7.4, 0.033), (4, 3, 8.2, 0.017), (4, 3, 9.0, 0.0017)]
+    for k, n, chi2, p in published:
+        assert friedman_exact_p(chi2, n, k) == pytest.approx(p, abs=6e-4), (k, n, chi2)
+    # every untied ranking of k = 3 over N = 3 blocks, counted
+    import itertools
+
+    perms = list(itertools.permutations((1, 2, 3)))
+    chis = np.array([friedman_chi2(np.mean(combo, axis=0), 3) for combo in itertools.product(perms, repeat=3)])
+    for c in np.unique(chis.round(9)):
+        assert friedman_exact_p(c, 3, 3) == pytest.approx((chis >= c - 1e-9).mean(), abs=1e-12)
+    assert friedman_exact_p(9.0, 40, 6) is None  # too large to enumerate
+
+
+def test_degenerate_iman_davenport_reports_the_exact_friedman_p():
+    # k = 4, N = 2, both blocks rank A > B > C > D: χ²_F = N(k − 1) = 6 (its maximum), F_F = ∞.
+    # χ² approximation p = 0.11; exact p = P(both blocks share one of 4! rankings) = 1/24.
+    values = pd.DataFrame({"A": [0.9, 0.8], "B": [0.7, 0.6], "C": [0.5, 0.4], "D": [0.3, 0.2]})
+    r = analyse(values, higher_is_better=True)
+    assert r["friedman"]["chi2"] == pytest.approx(6.0) and r["friedman"]["at_maximum"]
+    assert r["friedman"]["p"] == pytest.approx(sps.chi2.sf(6.0, 3))
+    assert math.isinf(r["iman_davenport"]["F"]) and math.isnan(r["iman_davenport"]["p"])
+    assert r["omnibus"] == {"test": "Friedman exact", "p": pytest.approx(1 / 24), "significant": True}
+    from bench.reports.sections import statements
+
+    text = " ".join(statements(r, 0.05, "nemenyi"))
+    assert "p = 0 " not in text and "p = 0:" not in text and "p = 0," not in text
+    assert "undefined" in text and "exact Friedman p = 0.0417" in text
 
 
 def test_nemenyi_q_matches_demsar_table_5a():
@@ -154,12 +189,32 @@ def test_wilcoxon_edge_cases_and_zero_split():
     assert stat == pytest.approx(3.5)
 
 
-def test_bootstrap_interval_is_seeded_and_covers_the_mean():
-    d = np.array([0.1, 0.2, 0.05, 0.3, 0.15, 0.12])
-    lo, hi = bootstrap_mean_ci(d, seed=3)
-    assert lo < d.mean() < hi
-    assert (lo, hi) == bootstrap_mean_ci(d, seed=3)
-    assert bootstrap_mean_ci(np.array([0.2, 0.2]), seed=0) == (pytest.approx(0.2), pytest.approx(0.2))
+def test_t_interval_and_standardised_effect_by_hand():
+    # d = (1, 2, 3): mean 2, s = 1, t_{0.975, 2} = 4.302653 → 2 ± 4.302653/√3; d_z = 2/1
+    lo, hi = t_interval(np.array([1.0, 2.0, 3.0]))
+    assert (lo, hi) == pytest.approx((2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)), abs=1e-6)
+    assert standardised_effect(np.array([1.0, 2.0, 3.0])) == pytest.approx(2.0)
+    assert all(math.isnan(v) for v in t_interval(np.array([0.2])))
+    assert math.isnan(standardised_effect(np.array([0.2, 0.2])))
+
+
+@pytest.mark.parametrize("n", [4, 5, 14])
+def test_effect_interval_covers_95_percent_at_small_n(n):
+    # Simulated coverage with a fixed seed; the percentile bootstrap gave 0.78 (N = 4), 0.85 (5), 0.90 (14).
+    rng = np.random.default_rng(20240516 + n)
+    true_mean, reps = 0.03, 4000
+    samples = true_mean + 0.05 * rng.standard_normal((reps, n))
+    covered = sum(lo <= true_mean <= hi for lo, hi in map(t_interval, samples))
+    assert 0.935 <= covered / reps <= 0.965
+
+
+def test_an_interval_does_not_exclude_zero_against_one_win_in_four():
+    # the issue's case: wins/ties/losses 1/0/3 and Wilcoxon p = 0.25 must not come with an interval
+    # that excludes 0 in the losing direction
+    values = pd.DataFrame({"A": [0.90, 0.50, 0.51, 0.52], "B": [0.60, 0.52, 0.53, 0.54]})
+    (pair,) = analyse(values, higher_is_better=True)["pairs"]
+    assert (pair["a_wins"], pair["ties"], pair["b_wins"]) == (1, 0, 3)
+    assert pair["ci_low"] < 0 < pair["ci_high"]
 
 
 # --- cliques -----------------------------------------------------------------------------------------
@@ -187,10 +242,32 @@ def test_cliques_nemenyi_rule_on_a_hand_made_rank_table():
 
 def test_cliques_drop_contained_runs_and_handle_non_monotone_tests():
     ranks = {"A": 1.0, "B": 2.0, "C": 3.0, "D": 4.0}
-    # only A–D significant: runs A..C and B..D; C..D is inside B..D and dropped
+    # only A–D significant: A..C and B..D; C..D is inside B..D and dropped
     assert cliques(ranks, _sig({("A", "D")})) == [["A", "B", "C"], ["B", "C", "D"]]
-    # Wilcoxon need not follow rank distance: B–C significant, A–D not → {A, B}, {C, D}
-    assert cliques(ranks, _sig({("B", "C")})) == [["A", "B"], ["C", "D"]]
+    # Wilcoxon need not follow rank distance: only B–C significant → {A, B, D} and {A, C, D}
+    assert cliques(ranks, _sig({("B", "C")})) == [["A", "B", "D"], ["A", "C", "D"]]
+
+
+def test_cliques_keep_groups_that_skip_a_method():
+    # A ~ C with B between them (A–B, B–D, A–D significant): {A, C} is a group, not lost
+    ranks = {"A": 1.0, "B": 2.0, "C": 3.0, "D": 4.0}
+    assert cliques(ranks, _sig({("A", "B"), ("B", "D"), ("A", "D")})) == [["A", "C"], ["B", "C"], ["C", "D"]]
+
+
+def test_cliques_are_every_maximal_group_on_random_decisions():
+    # brute force: every subset without a significant pair, maximal under inclusion
+    import itertools
+
+    rng = np.random.default_rng(7)
+    names = list("ABCDEF")
+    ranks = {m: float(i) for i, m in enumerate(names)}
+    for _ in range(200):
+        sig = {frozenset(p) for p in itertools.combinations(names, 2) if rng.random() < 0.4}
+        fn = lambda a, b, sig=sig: frozenset((a, b)) in sig  # noqa: E731
+        free = [set(c) for r in range(2, 7) for c in itertools.combinations(names, r)
+                if not any(frozenset(p) in sig for p in itertools.combinations(c, 2))]
+        maximal = sorted(sorted(g, key=names.index) for g in free if not any(g < o for o in free))
+        assert sorted(cliques(ranks, fn)) == maximal
 
 
 def test_recorded_cliques_never_hold_a_significant_pair():
@@ -247,6 +324,11 @@ def test_rank_tables_from_a_hand_made_results_table(hand_table):
 def test_lower_is_better_direction(hand_table):
     assert lower_is_better("hd95") and lower_is_better("val_loss") and lower_is_better("error_rate")
     assert not lower_is_better("miou") and not lower_is_better("finetune_images_per_s")
+    for name in ("assd_mm", "asd_px", "rmse_px", "hd95_mm", "HD95", "masd", "finetune_s", "mae"):
+        lower, why = metric_direction(name)
+        assert lower and why, name
+    for name in ("miou", "dice", "auc", "nsd", "surface_dice", "recall", "pretrain_images_per_s"):
+        assert not metric_direction(name)[0], name
     t05, _ = rank_tables(hand_table, "miou", higher_is_better=False)
     assert t05.avg_rank.to_dict() == pytest.approx({"A": 3.0, "B": 2.0, "C": 1.0})
 
@@ -418,11 +500,133 @@ def test_cd_diagram_labels_of_twelve_methods_do_not_overlap():
              "mocov2", "densecl", "simclr", "vicregl", "spectraflow[mask_ratio=0.75]"]
     ranks = dict(zip(names, [1.0, 1.05, 2.5, 3.0, 3.1, 5.5, 6.0, 8.2, 9.0, 11.4, 11.45, 12.0], strict=True))
     groups = cliques(ranks, lambda a, b: abs(ranks[a] - ranks[b]) >= 3.0)
-    fig = cd_figure(ranks, 3.0, groups, "fraction 0.05")
-    renderer = fig.canvas.get_renderer()
-    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in fig.axes[0].texts]
-    labels = [(s, b) for s, b in boxes if any(n in s for n in names)]
-    assert len(labels) == len(names)
-    for i, (s1, b1) in enumerate(boxes):
-        for s2, b2 in boxes[i + 1:]:
-            assert not b1.overlaps(b2), f"{s1!r} overlaps {s2!r}"
+    for width in (6.9, 3.3):
+        fig = cd_figure(ranks, 3.0, groups, width)
+        renderer = fig.canvas.get_renderer()
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in fig.axes[0].texts]
+        labels = [(s, b) for s, b in boxes if any(n in s.replace("\n", "") for n in names)]
+        assert len(labels) == len(names)
+        for i, (s1, b1) in enumerate(boxes):
+            assert b1.x0 >= 0 and b1.x1 <= fig.bbox.width, f"{s1!r} is cut off at {width} in"
+            for s2, b2 in boxes[i + 1:]:
+                assert not b1.overlaps(b2), f"{s1!r} overlaps {s2!r}"
+
+
+# --- what a design can detect ----------------------------------------------------------------------
+
+def test_design_statement_nemenyi_k4_n2_cannot_be_significant():
+    from bench.reports import design_statement
+    from bench.reports.design import can_reach, smallest_blocks
+
+    # CD(4, 2) = 2.569·√(20/12) = 3.317 > k − 1 = 3: no pair, whatever the data; N = 3 gives CD = 2.708
+    text = design_statement(4, 2, "nemenyi", 0.05)
+    assert "no pair can be significant" in text and "3.317" in text and "at least N = 3 blocks" in text
+    assert not can_reach(4, 2) and can_reach(4, 3) and smallest_blocks(4) == 3
+    assert smallest_blocks(2) == 4  # CD(2, N) = 1.96/√N ≤ 1 from N = 4
+    assert "a pair can be significant" in design_statement(4, 14)
+
+
+def test_wilcoxon_design_counts_holm():
+    from bench.reports.design import can_reach, design_statement, smallest_blocks, wilcoxon_min_p
+
+    # k = 5 → m = 10 pairs; N = 8: 10·2^(1−8) = 0.078 ≥ 0.05 (without Holm 0.0078 would pass)
+    assert wilcoxon_min_p(8) == pytest.approx(2 ** -7)
+    assert sps.wilcoxon(np.arange(1.0, 9.0), np.zeros(8)).pvalue == pytest.approx(wilcoxon_min_p(8))
+    assert not can_reach(5, 8, "wilcoxon") and can_reach(5, 9, "wilcoxon")
+    assert smallest_blocks(5, "wilcoxon") == 9 and smallest_blocks(2, "wilcoxon") == 6
+    text = design_statement(5, 8, "wilcoxon")
+    assert "no pair can be significant" in text and "by 10" in text and "at least N = 9" in text
+
+
+def test_statements_warn_about_wilcoxon_holm_even_when_nemenyi_draws_the_bars():
+    from bench.reports.sections import statements
+
+    rng = np.random.default_rng(1)
+    values = pd.DataFrame(rng.normal(size=(8, 5)) + np.arange(5) * 2.0, columns=list("ABCDE"))
+    r = analyse(values, higher_is_better=True, clique_test="nemenyi")
+    assert not any(p["wilcoxon_significant"] for p in r["pairs"])  # impossible at N = 8, k = 5
+    text = " ".join(statements(r, 0.05, "nemenyi"))
+    assert "Wilcoxon signed-rank with Holm over 10 pairs" in text and "no pair can be significant" in text
+
+
+def test_minimum_detectable_effect_matches_cohen_sample_sizes_and_simulation():
+    from bench.reports.design import minimum_detectable_effect as mde
+
+    # paired t, two-sided α = 0.05, power 0.8: d_z = 1 needs n = 10, d_z = 0.5 needs n = 34 (G*Power)
+    assert mde(1.0, 10) <= 1.0 < mde(1.0, 9)
+    assert mde(1.0, 34) <= 0.5 < mde(1.0, 33)
+    assert mde(1.0, 4000) * math.sqrt(4000) == pytest.approx(1.959964 + 0.841621, abs=2e-3)
+    assert mde(0.02, 5) == pytest.approx(50 * mde(0.0004, 5))  # linear in the SD
+    assert math.isnan(mde(1.0, 1)) and mde(0.0, 3) == 0.0
+    # at the MDE a paired t-test rejects in 80% of simulated designs (fixed seed)
+    rng = np.random.default_rng(3)
+    n, sd = 5, 0.02
+    delta = mde(sd, n)
+    d = delta + sd * rng.standard_normal((4000, n))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+    power = np.mean(np.abs(t) > sps.t.ppf(0.975, n - 1))
+    assert power == pytest.approx(0.8, abs=0.02)
+
+
+def test_mde_table_pools_paired_seed_differences(tmp_path):
+    from bench.reports.design import mde_table, minimum_detectable_effect
+
+    # d1: A − B over seeds = (0.01, 0.03, 0.02) → s² = 1e-4; A − C = (0, 0, 0); B − C = (−0.01, −0.03, −0.02)
+    rows = []
+    for s, (a, b, c) in enumerate([(0.51, 0.50, 0.51), (0.63, 0.60, 0.63), (0.72, 0.70, 0.72)]):
+        rows += [("A", "d1", 0.1, s, a), ("B", "d1", 0.1, s, b), ("C", "d1", 0.1, s, c)]
+    path = tmp_path / "mde.csv"
+    _results(rows).to_csv(path, index=False)
+    table = mde_table(load_results(path, "miou"), "miou", ["A", "B", "C"])
+    (row,) = table.to_dict(orient="records")
+    pooled = math.sqrt((2 * 1e-4 + 0 + 2 * 1e-4) / 6)
+    assert (row["seeds"], row["pairs"]) == (3, 3)
+    assert row["sd_paired_diff"] == pytest.approx(pooled)
+    assert row["mde"] == pytest.approx(minimum_detectable_effect(pooled, 3))
+
+
+# --- blocks: test sets, references, counts ----------------------------------------------------------
+
+def test_each_test_set_is_a_block_marked_seen_or_unseen(tmp_path):
+    sets = [("Kvasir", True), ("ClinicDB", True), ("ColonDB", False), ("ETIS", False), ("CVC-300", False)]
+    rows = [f"{m},kvasir+clinicdb,{t},{str(seen).lower()},0.1,0,{0.5 + 0.1 * i + 0.01 * j}"
+            for j, (t, seen) in enumerate(sets) for i, m in enumerate(("A", "B", "C"))]
+    path = tmp_path / "gen.csv"
+    path.write_text("method,dataset,test_set,seen,fraction,seed,miou\n" + "\n".join(rows) + "\n")
+    frame = load_results(path, "miou")
+    (t,) = rank_tables(frame, "miou", True)
+    assert t.datasets == ["Kvasir (seen)", "ClinicDB (seen)", "ColonDB (unseen)", "ETIS (unseen)",
+                          "CVC-300 (unseen)"]
+    assert set(frame["train_set"]) == {"kvasir+clinicdb"}
+    (a,) = run_analyses(frame, "miou", True)
+    assert (a.result["n"], a.result["k"]) == (5, 3)
+    assert "ETIS (unseen)" in to_markdown(rank_table_model(t))
+    path.write_text(path.read_text().replace(",true,", ",maybe,", 1))
+    with pytest.raises(BenchError, match="seen 'maybe' is not true/false"):
+        load_results(path, "miou")
+
+
+def test_reference_methods_are_listed_without_a_rank(hand_table):
+    t05, t10 = rank_tables(hand_table, "miou", True, unranked=["A"])
+    assert t10.methods == ["B", "C", "A"] and t10.unranked == ["A"]
+    assert t10.ranks.loc["A"].isna().all() and math.isnan(t10.avg_rank["A"])
+    # without A: d1 B 0.6 > C 0.2, d2 C 0.9 > B 0.7 → both 1.5
+    assert t10.avg_rank[["B", "C"]].tolist() == [1.5, 1.5]
+    assert t10.avg_metric["A"] == pytest.approx(0.6)  # shown, not ranked
+    md = to_markdown(rank_table_model(t10))
+    row_a = next(line for line in md.splitlines() if line.startswith("| A |"))
+    assert "**" not in row_a and "<u>" not in row_a and "Reference methods are listed last" in md
+    (a05, _) = run_analyses(hand_table, "miou", True, methods=["B", "C"])[:2]
+    assert a05.result["methods"] == ["B", "C"]
+
+
+def test_dataset_seed_blocks_count_only_blocks_some_method_has(tmp_path):
+    # d1 ran seeds 0–2, d2 seeds 3–5: 6 (dataset, seed) blocks exist, not 2 × 6 = 12
+    rows = [(m, d, 0.1, s, 0.5 + 0.1 * (m == "A") + 0.01 * s)
+            for d, seeds in (("d1", (0, 1, 2)), ("d2", (3, 4, 5))) for s in seeds for m in ("A", "B")]
+    path = tmp_path / "seeds.csv"
+    _results(rows).to_csv(path, index=False)
+    (a,) = run_analyses(load_results(path, "miou"), "miou", True, blocks="dataset-seed")
+    assert (a.blocks_total, a.result["blocks_used"]) == (6, 6)
+    (overall,) = run_analyses(load_results(path, "miou"), "miou", True, blocks="dataset-fraction")
+    assert overall.blocks_total == 2

@@ -1,5 +1,6 @@
 """End to end: ``build_report`` on Demšar's Table 6 (a plain CSV) and on a synthetic run folder with
-failed and missing cells, diagnostics, throughput and costs (built here in tmp_path)."""
+failed and missing cells, diagnostics, throughput, costs, protocol columns, references and kept predictions
+(built here in tmp_path). Figures are written as PNG only here (PDF and SVG: tests/test_reports_figures.py)."""
 
 from __future__ import annotations
 
@@ -19,19 +20,20 @@ from bench.reports import build_report, load_results
 from bench.reports.stats import run_analyses
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PNG = ("png",)
 METHODS = ["scratch", "byol", "byol+disp[weight=0.2]", "dicoh"]
 DATASETS = ["Kvasir-SEG", "CVC-ColonDB", "ETIS", "GlaS", "ISIC 2016", "CVC-ClinicDB"]
 FRACTIONS = [0.05, 0.1]
 SEEDS = [0, 1, 2]
 
 
-def synthetic_run(root, fail: bool = True, datasets: list[str] = DATASETS) -> None:
+def synthetic_run(root, fail: bool = True, datasets: list[str] = DATASETS, fractions: list[float] = FRACTIONS) -> None:
     """A run folder: dicoh best everywhere, scratch worst; byol+disp fails on ETIS at 5% (all seeds)
     and byol on GlaS at 10% seed 2; one ISIC cell is missing from results.csv (listed in run.json)."""
     rng = np.random.default_rng(0)
     rows = []
     quality = dict(zip(METHODS, [0.0, 0.05, 0.07, 0.12], strict=True))
-    for f in FRACTIONS:
+    for f in fractions:
         for d_i, d in enumerate(datasets):
             for s in SEEDS:
                 for m in METHODS:
@@ -71,7 +73,7 @@ def synthetic_run(root, fail: bool = True, datasets: list[str] = DATASETS) -> No
 def run_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("run") / "out"
     synthetic_run(root)
-    return root, build_report(root)
+    return root, build_report(root, formats=PNG)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def demsar_report(tmp_path_factory):
         pytest.skip(f"real-data excerpts not found at {SHARED_DATA}")
     src = tmp_path_factory.mktemp("demsar") / "demsar2006_table6.csv"
     shutil.copy(csv, src)
-    return src, build_report(src, metric="auc", cliques="wilcoxon")
+    return src, build_report(src, metric="auc", cliques="wilcoxon", formats=PNG)
 
 
 def test_demsar_report(demsar_report):
@@ -89,8 +91,8 @@ def test_demsar_report(demsar_report):
     out = src.with_name("demsar2006_table6_report")  # default: <csv stem>_report beside the CSV
     assert summary.out_dir == out
     names = {p.name for p in summary.files}
-    assert {"ranks.csv", "ranks.md", "ranks.tex", "stats.json", "cd_all.pdf", "cd_all.png", "rank_chart.png",
-            "report.md", "report.html", "bars_breast_cancer_wisconsin.png"} <= names
+    assert {"ranks.csv", "ranks.md", "ranks.tex", "stats.json", "mde.csv", "cd_all.png", "cd_all_1col.png",
+            "rank_chart.png", "figures.tex", "report.md", "report.html", "strip_breast_cancer_wisconsin.png"} <= names
     assert "label_efficiency.png" not in names  # a single (absent) fraction: nothing to plot
     assert all(p.is_file() and p.stat().st_size > 0 for p in summary.files)
     stats = json.loads((out / "stats.json").read_text())
@@ -109,9 +111,13 @@ def test_demsar_report(demsar_report):
     assert "9.857" in md and "3.987" in md and "1.254" in md
     assert "(cd_all.png)" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == sum(p.suffix == ".png" for p in summary.files)
+    assert html.count("data:image/png;base64,") == md.count("![") == 2 + 14  # CD, rank chart, 14 strips
     assert not re.search(r"<img[^>]+src=\"(?!data:)", html)  # self-contained
     assert any("best C4.5+m+cf" in line for line in summary.lines)
+    assert not any("report written to" in line for line in summary.lines)  # the CLI prints it, once
+    assert summary.lines[0].startswith("metric auc: higher is better (not a known distance")
+    # Demšar's design: k = 4 over N = 14 can show a pair under Wilcoxon–Holm (6 · 2^(1−14) < 0.05)
+    assert "a pair can be significant" in md and "Protocol version" not in md  # a plain CSV: no header facts
 
 
 def test_run_report_files_and_statistics(run_report):
@@ -119,8 +125,8 @@ def test_run_report_files_and_statistics(run_report):
     out = root / "report"
     assert summary.out_dir == out
     names = {p.name for p in summary.files}
-    expected = {"cd_0.05.pdf", "cd_0.05.png", "cd_0.1.pdf", "cd_0.1.png", "rank_chart.png",
-                "label_efficiency.png", "bars_Kvasir-SEG.png", "bars_ISIC_2016.png", "report.md", "report.html"}
+    expected = {"cd_0.05.png", "cd_0.05_1col.png", "cd_0.1.png", "rank_chart.png", "label_efficiency.png",
+                "label_efficiency_1col.png", "strip_Kvasir-SEG.png", "strip_ISIC_2016.png", "report.md", "report.html"}
     assert expected <= names
     stats = json.loads((out / "stats.json").read_text())
     assert [a["group"] for a in stats["analyses"]] == ["0.05", "0.1"]
@@ -163,10 +169,11 @@ def test_hd95_is_ranked_lower_is_better(tmp_path):
     frame = load_results(root, "hd95")
     a05, _ = run_analyses(frame, "hd95", higher_is_better=False)
     assert a05.result["avg_ranks"]["dicoh"] == 1.0  # lowest HD95
-    summary = build_report(root, tmp_path / "rep", metric="hd95")
+    summary = build_report(root, tmp_path / "rep", metric="hd95", formats=PNG)
     stats = json.loads((tmp_path / "rep" / "stats.json").read_text())
     assert stats["higher_is_better"] is False
     assert any("best dicoh" in line for line in summary.lines)
+    assert summary.lines[0].startswith("metric hd95: lower is better ('hd95' names a distance")
 
 
 def test_block_choices(tmp_path):
@@ -190,4 +197,195 @@ def test_unwritable_output_is_a_bench_error(tmp_path):
     synthetic_run(root, fail=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(BenchError, match="cannot create report folder"):
-        build_report(root, tmp_path / "file" / "sub")
+        build_report(root, tmp_path / "file" / "sub", formats=PNG)
+
+
+# --- issue 13 §3: a design that cannot show a difference says so -------------------------------------
+
+def _plain(tmp_path, rows: list[dict], name: str = "r.csv"):
+    path = tmp_path / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_k4_n2_report_says_no_pair_can_be_significant(tmp_path):
+    rows = [{"method": m, "dataset": d, "miou": 0.5 + 0.1 * i + 0.01 * j}
+            for j, d in enumerate(("d1", "d2")) for i, m in enumerate(("A", "B", "C", "D"))]
+    summary = build_report(_plain(tmp_path, rows), tmp_path / "rep", formats=PNG)
+    md = (tmp_path / "rep" / "report.md").read_text().replace("\\_", "_")
+    for text in (md, "\n".join(summary.lines)):
+        assert "no pair can be significant" in text and "CD = 3.317 exceeds k − 1 = 3" in text
+        assert "at least N = 3 blocks" in text
+    # identical rankings at N = 2: F_F undefined, the exact Friedman p (1/24) decides; never p = 0
+    assert "Iman–Davenport's F_F is infinite and undefined" in md and "exact Friedman p = 0.0417" in md
+    assert not re.search(r"p = 0(?![.\d])", md)
+
+
+# --- issue 12 §1 / 14 §4 / 13 §1: the protocol in the header ---------------------------------------
+
+def test_report_header_states_protocol_eval_freeze_and_empty_masks(tmp_path):
+    root = tmp_path / "out"
+    synthetic_run(root, fail=False, datasets=DATASETS[:2], fractions=[0.1])
+    frame = pd.read_csv(root / "results.csv")
+    frame["protocol_version"] = 3
+    frame["eval"] = "native"
+    frame["freeze"] = "backbone"
+    frame["n_test"] = np.where(frame["dataset"] == "Kvasir-SEG", 100, 60)
+    frame["n_test_empty_gt"] = np.where(frame["dataset"] == "Kvasir-SEG", 0, 2)
+    frame.to_csv(root / "results.csv", index=False)
+    build_report(root, formats=PNG)
+    md = (root / "report" / "report.md").read_text()
+    assert "Protocol version: 3." in md
+    assert "Evaluation: native: logits upsampled to each test image's original size" in md
+    assert "Fine-tuning: frozen backbone (head trained, backbone frozen with BatchNorm in eval mode" in md
+    assert "an empty prediction of an empty mask scores IoU = Dice = 1 and HD95 = 0" in md
+    assert "Test images with an empty mask: Kvasir-SEG 0 of 100, CVC-ColonDB 2 of 60." in md
+    frame.loc[frame.index[:4], "protocol_version"] = 2
+    frame.to_csv(root / "results.csv", index=False)
+    build_report(root, formats=PNG)
+    md = (root / "report" / "report.md").read_text()
+    assert "Protocol versions: 2 (4 cells), 3 (20 cells) — cells of different versions are not comparable" in md
+
+
+# --- issue 13 §4: reference methods ----------------------------------------------------------------
+
+def _with_supervised(tmp_path):
+    root = tmp_path / "out"
+    synthetic_run(root, fail=False, datasets=DATASETS[:2], fractions=[0.05])
+    frame = pd.read_csv(root / "results.csv")
+    sup = frame[frame["method"] == "dicoh"].copy()
+    sup["method"], sup["cell_id"] = "supervised", "sup-" + sup["cell_id"]
+    sup["miou"] += 0.2
+    frame = pd.concat([frame, sup], ignore_index=True)
+    frame["reference"] = np.where(frame["method"] == "supervised", "upper", "")
+    frame.to_csv(root / "results.csv", index=False)
+    return root
+
+
+def test_upper_reference_is_marked_and_kept_out_of_the_ranks(tmp_path):
+    root = _with_supervised(tmp_path)
+    build_report(root, formats=PNG)
+    stats = json.loads((root / "report" / "stats.json").read_text())
+    a05 = stats["analyses"][0]
+    assert a05["k"] == 4 and "supervised (upper reference)" not in a05["methods"]
+    assert a05["avg_ranks"]["dicoh"] == 1.0  # supervised is better, but not ranked
+    md = (root / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| supervised (upper reference) |"))
+    assert "**" not in row  # no bold for a reference, no rank
+    assert "kept out of the ranks and the statistics" in md
+    ranks = pd.read_csv(root / "report" / "ranks.csv")
+    assert ranks.loc[ranks["method"] == "supervised (upper reference)", "avg_rank"].isna().all()
+    build_report(root, tmp_path / "ranked", rank_references=True, formats=PNG)
+    a05 = json.loads((tmp_path / "ranked" / "stats.json").read_text())["analyses"][0]
+    assert a05["k"] == 5 and a05["avg_ranks"]["supervised (upper reference)"] == 1.0
+
+
+def test_reference_named_on_the_command_line(tmp_path):
+    root = tmp_path / "out"
+    synthetic_run(root, fail=False, datasets=DATASETS[:2], fractions=[0.05])
+    build_report(root, tmp_path / "rep", references=["scratch"], formats=PNG)
+    a05 = json.loads((tmp_path / "rep" / "stats.json").read_text())["analyses"][0]
+    assert a05["k"] == 3 and "scratch" not in a05["methods"]
+    assert "scratch (upper reference)" in (tmp_path / "rep" / "report.md").read_text()
+    with pytest.raises(BenchError, match="--reference nope: no such method"):
+        build_report(root, tmp_path / "rep", references=["nope"], formats=PNG)
+
+
+# --- issue 12 §3: one block per test set ------------------------------------------------------------
+
+def test_generalisation_report_has_a_column_per_test_set(tmp_path):
+    sets = [("Kvasir", True), ("ClinicDB", True), ("ColonDB", False), ("ETIS", False), ("CVC-300", False)]
+    rows = [{"method": m, "dataset": "kvasir-seg+cvc-clinicdb", "test_set": t, "seen": seen, "fraction": 1.0,
+             "seed": s, "miou": 0.6 + 0.05 * i - 0.1 * (not seen) + 0.01 * s}
+            for t, seen in sets for i, m in enumerate(("scratch", "byol", "dicoh")) for s in (0, 1)]
+    build_report(_plain(tmp_path, rows), tmp_path / "rep", formats=PNG)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method |"))
+    for t, seen in sets:
+        assert f"{t} ({'seen' if seen else 'unseen'})" in header
+    stats = json.loads((tmp_path / "rep" / "stats.json").read_text())
+    assert stats["analyses"][0]["n"] == 5
+
+
+# --- issue 16 item 7: completeness counts ---------------------------------------------------------------
+
+def test_different_seed_ids_with_the_same_count_are_reported(tmp_path):
+    # a plain CSV without status: A ran seeds 0–2, B seeds 3–5 on both datasets (same count, other ids)
+    rows = [{"method": m, "dataset": d, "fraction": 0.1, "seed": s, "miou": 0.5 + 0.01 * s}
+            for d in ("d1", "d2") for m, seeds in (("A", (0, 1, 2)), ("B", (3, 4, 5))) for s in seeds]
+    summary = build_report(_plain(tmp_path, rows), tmp_path / "rep", blocks="dataset-seed", formats=PNG)
+    stats = json.loads((tmp_path / "rep" / "stats.json").read_text())
+    assert len(stats["incomplete"]["absent_cells"]) == 12  # 2 datasets × (3 + 3) seeds one method lacks
+    assert "A on d1, fraction 0.1, seed 3" in stats["incomplete"]["absent_cells"]
+    assert stats["incomplete"]["seed_mismatch"] == ["d1, fraction 0.1: A: 0, 1, 2; B: 3, 4, 5",
+                                                    "d2, fraction 0.1: A: 0, 1, 2; B: 3, 4, 5"]
+    (a,) = stats["analyses"]
+    assert (a["blocks_used"], a["blocks_total"]) == (0, 12)  # 12 (dataset, seed) blocks exist, none complete
+    assert any("12 missing cell(s)" in line and "seed ids differ" in line for line in summary.lines)
+    assert "Seed ids that differ between methods" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# --- issue 14 §3: kept predictions ----------------------------------------------------------------------
+
+def test_report_shows_kept_predictions_with_the_images_passed_in(tmp_path):
+    from bench.reports.predictions import pack_predictions
+
+    root = tmp_path / "out"
+    synthetic_run(root, fail=False, datasets=DATASETS[:1], fractions=[0.05])
+    frame = pd.read_csv(root / "results.csv")
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(6)]
+    truths = {i: rng.random((12, 16)) > 0.6 for i in ids}
+    images = {i: rng.integers(0, 255, (12, 16, 3), dtype=np.uint8) for i in ids}
+    (root / "predictions").mkdir()
+    for cell in frame[frame["dataset"] == "Kvasir-SEG"].itertuples():
+        masks = [truths[i] ^ (rng.random((12, 16)) > 0.8) for i in ids]
+        pack_predictions(root / "predictions" / f"{cell.cell_id}.npz", masks, ids)
+    asked = []
+
+    def provider(dataset):
+        asked.append(dataset)
+        return images, truths
+
+    summary = build_report(root, test_images=provider, formats=PNG)
+    assert asked == ["Kvasir-SEG"]
+    assert (root / "report" / "predictions_Kvasir-SEG.png").is_file()
+    md = (root / "report" / "report.md").read_text()
+    assert "(predictions_Kvasir-SEG.png)" in md and "spread over scratch's IoU range" in md
+    assert "the image, its ground truth and each method's prediction at label fraction 0.05, seed 0" in md
+    assert summary.out_dir == root / "report"
+    build_report(root, tmp_path / "no-images", formats=PNG)  # without images: the predictions alone
+    assert (tmp_path / "no-images" / "predictions_Kvasir-SEG.png").is_file()
+
+
+# --- issue 16 items 12–13: vector output with captions in LaTeX ------------------------------------------
+
+def test_default_report_writes_pdf_svg_png_at_both_widths_and_figures_tex(tmp_path):
+    rows = [{"method": m, "dataset": d, "miou": 0.5 + 0.1 * i + 0.01 * j}
+            for j, d in enumerate(("d1", "d2", "d3")) for i, m in enumerate(("A", "B", "C"))]
+    summary = build_report(_plain(tmp_path, rows), tmp_path / "rep")
+    names = {p.name for p in summary.files}
+    for stem in ("cd_all", "rank_chart", "strip_d1"):
+        assert {f"{stem}{w}.{e}" for w in ("", "_1col") for e in ("pdf", "svg", "png")} <= names
+    tex = (tmp_path / "rep" / "figures.tex").read_text()
+    assert tex.count(r"\begin{figure}") == 5 and r"\includegraphics[width=\columnwidth]{cd_all_1col.pdf}" in tex
+    assert r"\caption{Critical-difference diagram, overall" in tex and r"\label{fig:cd_all}" not in tex
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "*Critical-difference diagram, overall" in md  # the caption under the image, not in it
+
+
+# --- issue 15: reports import no training code --------------------------------------------------------
+
+def test_reports_import_no_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, bench.reports, bench.reports.diagnostics, bench.reports.predictions, bench.reports.figures; "
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('bench', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.strip().split(",")
+    training = [m for m in out if m.startswith(("bench.protocol", "bench.augment", "bench.models", "bench.methods",
+                                                "bench.geometry", "bench.execute", "bench.runner", "bench.diagnose",
+                                                "torch"))]
+    assert training == [], f"bench.reports imported training code: {training}"
+    assert "bench.reports.report" in out

@@ -4,7 +4,7 @@ Published by the dataset's authors for fair comparison (Jha et al., "Real-time p
 localization and segmentation in colonoscopy using deep learning", IEEE Access 2021; MediaEval 2020
 Medico task) as ``kvasir-seg-train-val/val.txt`` in github.com/DebeshJha/2020-MediaEval-Medico-polyp-
 segmentation (commit 0946ca89, 2 Aug 2020). ``train.txt`` there lists the other 880 of the 1000
-images, so only the validation ids are kept here; they serve as the test split (DESIGN.md §4).
+images, so only the validation ids are kept here; they serve as the test split (docs/datasets.md).
 """
 
 KVASIR_SEG_TEST_IDS: frozenset[str] = frozenset("""

@@ -1,6 +1,6 @@
-"""Procedural, seeded, homogeneous segmentation sets: the embedded default data (DESIGN.md §4).
+"""Procedural, seeded, homogeneous segmentation sets: the embedded default data (docs/datasets.md).
 
-Two generators in the spirit of the real sets, at the requested size directly (vectorised numpy):
+Four generators in the spirit of the real sets, at the requested size directly (vectorised numpy):
 
 - ``synthetic-polyp``: one smooth lobed blob (polyp) on a mucosa-like texture (pinkish red, smooth
   colour noise, warped folds), endoscope vignetting and a few specular highlights. The polyp has
@@ -10,6 +10,13 @@ Two generators in the spirit of the real sets, at the requested size directly (v
 - ``synthetic-gland``: ring-shaped glands on an H&E-like pink stroma (jittered 3×3 grid, each
   cell holding a gland with probability 0.85): pale lumen, purple epithelial ring with dark
   nuclei; scattered nuclei in the stroma. Mask = gland area (ring + lumen).
+- ``synthetic-skin`` (ISIC-like): one large lobed lesion (10–40% of the image, near the centre)
+  of tan to dark brown with a fuzzy border, a pigment network and a darker core, on skin texture;
+  thin hairs on half of the images, the dermoscope's dark rim on a third. Mask = the lesion.
+- ``synthetic-cell`` (nucleus-like): dark, textured, lobed nuclei on a jittered 3×3 grid at 64 px
+  (4×4, 6×6 at larger sizes; each present with probability 0.75, so ≥ ~12 px across and resolvable
+  by stride-16 logits), paler cell bodies around them and small dark debris (not foreground) on a
+  light background with uneven illumination. Mask = the nuclei.
 
 Low inter-image diversity is the point (DiCoH's "homogeneous medical domain"): every image is a
 draw from the same narrow distribution. Images are generated in chunks of ``CHUNK`` with an RNG
@@ -178,6 +185,98 @@ def _gland_chunk(rng: np.random.Generator, n: int, size: int, cells: int | None 
     return _to_uint8(image), mask
 
 
+def _hairs(rng: np.random.Generator, n: int, yy: np.ndarray, xx: np.ndarray, px: float) -> np.ndarray:
+    """(n, S, S) in [0, 1]: 0–4 thin, slightly curved dark hairs per image (half of the images have none)."""
+    cover = np.zeros((n,) + yy.shape[1:], np.float32)
+    count = np.where(rng.uniform(0, 1, (n, 1, 1)) < 0.5, 0, rng.integers(1, 5, (n, 1, 1)))
+    for h in range(4):
+        angle = _uniform(rng, 0, np.pi, n)
+        cy, cx = _uniform(rng, 0.1, 0.9, n), _uniform(rng, 0.1, 0.9, n)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        distance = np.abs(v - _uniform(rng, -0.6, 0.6, n) * u**2)
+        width = _uniform(rng, 0.5, 0.9, n) * px
+        hair = np.clip(1 - (distance - width) / px, 0, 1)
+        cover = np.maximum(cover, np.where(h < count, hair, 0).astype(np.float32))
+    return cover
+
+
+def _skin_chunk(rng: np.random.Generator, n: int, size: int) -> Arrays:
+    """ISIC-like: one large pigmented lesion on skin texture, hairs, dermoscope dark corners."""
+    yy, xx = _grid(size)
+    px = 1.0 / size
+    skin = np.array([0.87, 0.69, 0.60], np.float32) + rng.normal(0, 0.03, (n, 3)).astype(np.float32)
+    shade = 1 + 0.06 * smooth_noise(rng, n, size, 0.15) + 0.025 * smooth_noise(rng, n, size, 0.01)
+    background = skin[:, :, None, None] * shade[:, None]
+
+    area = _uniform(rng, 0.10, 0.40, n)           # lesions fill much of a dermoscopic image
+    radius0 = np.sqrt(area / np.pi)
+    cy, cx = _uniform(rng, 0.38, 0.62, n), _uniform(rng, 0.38, 0.62, n)
+    dy, dx = yy - cy, xx - cx
+    rho = np.sqrt(dy**2 + dx**2)
+    boundary = radius0 * _lobed_radius(np.arctan2(dy, dx), rng, n, amplitude=0.22)
+    mask = (rho < boundary).astype(np.uint8)
+    edge = _uniform(rng, 1.5, 4.0, n) * px          # a fuzzy lesion border, 1.5–4 pixels
+    alpha = np.clip(0.5 + (boundary - rho) / (2 * edge), 0, 1)
+    brown = np.array([0.50, 0.32, 0.24], np.float32) + rng.normal(0, 0.04, (n, 3)).astype(np.float32)
+    network = smooth_noise(rng, n, size, 0.02)      # pigment network: a fine, irregular darker mesh
+    core = np.clip(1 - rho / boundary, 0, 1)
+    darkness = _uniform(rng, 0.45, 0.9, n)          # light (tan) to dark lesions
+    lesion_shade = 1 - 0.10 * np.clip(network, 0, None) - 0.18 * core * _uniform(rng, 0, 1, n)
+    lesion = (skin * (1 - darkness[:, 0]) + brown * darkness[:, 0])[:, :, None, None] * lesion_shade[:, None]
+    image = background * (1 - alpha[:, None]) + lesion * alpha[:, None]
+
+    image = image * (1 - 0.75 * _hairs(rng, n, yy, xx, px)[:, None])
+    corners = np.sqrt((yy - 0.5) ** 2 + (xx - 0.5) ** 2) > _uniform(rng, 0.62, 0.75, n)
+    dark = (rng.uniform(0, 1, (n, 1, 1)) < 0.3) & corners   # a third of the images show the scope's rim
+    image = np.where(dark[:, None], image * 0.12, image)
+    image = image + rng.normal(0, 0.012, image.shape).astype(np.float32)
+    return _to_uint8(image), mask
+
+
+def cells_per_side(size: int) -> int:
+    """Nuclei per row and column: each nucleus stays ≥ ~12 px across, resolvable at stride 16."""
+    return 3 if size < 80 else 4 if size < 192 else 6
+
+
+def _cell_chunk(rng: np.random.Generator, n: int, size: int) -> Arrays:
+    """Nucleus-like: many dark, textured nuclei with paler cell bodies on a light background, plus debris."""
+    cells = cells_per_side(size)
+    yy, xx = _grid(size)
+    px = 1.0 / size
+    paper = np.array([0.94, 0.86, 0.91], np.float32) + rng.normal(0, 0.02, (n, 3)).astype(np.float32)
+    illumination = 1 + 0.07 * smooth_noise(rng, n, size, 0.2)
+    image = paper[:, :, None, None] * illumination[:, None]
+    nuclei = np.zeros((n, size, size), np.float32)
+    body = np.zeros((n, size, size), np.float32)
+    stain = np.zeros((n, size, size), np.float32)
+    for i in range(cells):
+        for j in range(cells):
+            present = _uniform(rng, 0, 1, n) < 0.75
+            cy = (i + 0.5) / cells + _uniform(rng, -0.08, 0.08, n) / cells
+            cx = (j + 0.5) / cells + _uniform(rng, -0.08, 0.08, n) / cells
+            radius = _uniform(rng, 0.30, 0.42, n) / cells
+            stretch, angle = _uniform(rng, 1.0, 1.35, n), _uniform(rng, 0, np.pi, n)
+            dy, dx = yy - cy, xx - cx
+            u = (dx * np.cos(angle) + dy * np.sin(angle)) / stretch
+            v = -dx * np.sin(angle) + dy * np.cos(angle)
+            rho = np.sqrt(u**2 + v**2) / _lobed_radius(np.arctan2(v, u), rng, n, amplitude=0.10)
+            cover = np.clip(0.5 + (radius - rho) / px, 0, 1) * present
+            halo = np.clip(0.5 + (1.7 * radius - rho) / (2 * px), 0, 1) * present
+            nuclei, body = np.maximum(nuclei, cover), np.maximum(body, halo)
+            stain = np.where(cover > 0, _uniform(rng, 0.6, 1.0, n), stain)   # pale to dark nuclei
+    mask = (nuclei >= 0.5).astype(np.uint8)
+    chromatin = 1 - 0.25 * np.clip(smooth_noise(rng, n, size, 0.01), 0, None)
+    dye = np.array([0.33, 0.20, 0.50], np.float32)[None, :, None, None]
+    nucleus_colour = image * (1 - stain[:, None]) + dye * stain[:, None] * chromatin[:, None]
+    image = image * (1 - 0.10 * body[:, None] * np.array([0.2, 1.0, 0.5], np.float32)[None, :, None, None])
+    image = image * (1 - nuclei[:, None]) + nucleus_colour * nuclei[:, None]
+    debris = (smooth_noise(rng, n, size, 0.006) > 2.3).astype(np.float32) * (1 - body)   # specks, not nuclei
+    image = image * (1 - 0.45 * debris[:, None])
+    image = image + rng.normal(0, 0.012, image.shape).astype(np.float32)
+    return _to_uint8(image), mask
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
@@ -187,6 +286,10 @@ GENERATORS: dict[str, tuple[Callable[[np.random.Generator, int, int], Arrays], s
                                       "vignetting, specular highlights (embedded default)"),
     "synthetic-gland": (_gland_chunk, "procedural gland-like set: ring-shaped glands on H&E-like "
                                       "stroma (embedded default)"),
+    "synthetic-skin": (_skin_chunk, "procedural skin-lesion set (ISIC-like): one large pigmented lesion on "
+                                    "skin texture, hairs, dermoscope rim"),
+    "synthetic-cell": (_cell_chunk, "procedural nucleus set: many dark textured nuclei with pale cell bodies "
+                                    "and debris on a light background"),
 }
 
 

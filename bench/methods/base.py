@@ -1,13 +1,15 @@
-"""The method interface (DESIGN.md §6): a method owns its heads, momentum encoders and queues and
-implements one training step on a batch of views; the protocol owns the loop, optimiser, AMP and
-checkpointing.
+"""The method interface (docs/methods.md, "Common rules"): a method owns its heads, momentum encoders
+and queues and implements one training step on a batch of views; the protocol owns the loop,
+optimiser, AMP and checkpointing.
 
 A method declares:
 - ``name``, ``paper`` and ``defaults`` (its paper's hyperparameters; every override must name a key
-  of ``defaults``), optionally ``choices`` (allowed values of enumerated keys);
+  of ``defaults``), optionally ``choices`` (allowed values of enumerated keys) and ``bounds``
+  (inclusive (low, high) ranges of numeric keys, None for an open end);
 - ``recipe``: the view augmentation it trains on (see ``bench.augment.RECIPES``);
-- ``momentum_pairs()``: (online, target) module pairs, updated by EMA after each optimiser step with
-  ``momentum_at(step)``;
+- its momentum (target) modules with ``add_targets(...)`` in ``__init__``: each is updated by EMA
+  after each optimiser step with ``momentum_at(step)`` (``momentum_schedule``: BYOL's cosine or
+  constant);
 - ``training_step(views, step) -> (loss, logs)``; logs should contain a collapse indicator
   (``std``: the std of L2-normalised embeddings, ~1/sqrt(d) when healthy, 0 when collapsed).
 """
@@ -24,6 +26,7 @@ from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
 from bench.augment import Views
+from bench.errors import BenchError
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,13 @@ class Method(nn.Module):
     trains_on_labelled: ClassVar[bool] = False
     pretrains: ClassVar[bool] = True
     output_stride: ClassVar[int | None] = None  # backbone stride during pretraining (None: native 32)
+    group: ClassVar[str] = ""  # family shown by `bench methods` (see bench.methods.GROUPS)
+    bounds: ClassVar[dict[str, tuple[float | None, float | None]]] = {}  # inclusive ranges of numeric keys
+    # label-reading methods: None = pretrain on the cell's labelled subset (fraction, seed); 1.0 = on ALL
+    # labelled training images of the dataset (the `supervised` positive control: one job per dataset)
+    label_fraction: ClassVar[float | None] = None
+    reference: ClassVar[str | None] = None  # "upper": a reference kept out of the ranks (positive control)
+    momentum_schedule: ClassVar[str] = "cosine"  # "cosine" (BYOL, from cfg["momentum"] to 1) or "constant"
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict[str, Any]):
         super().__init__()
@@ -59,16 +69,29 @@ class Method(nn.Module):
         self.ctx = ctx
         self.cfg = dict(cfg)
         self.modifiers = nn.ModuleList()
+        self._momentum_names: list[str] = []
 
     # --- to implement -------------------------------------------------------------------------
     def training_step(self, views: Views, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    # --- momentum encoders ------------------------------------------------------------------------
+    def add_targets(self, *names: str) -> None:
+        """Make ``target_<name>``, a frozen deep copy of each online module ``name``, and pair them for the
+        EMA; calling it again for a name replaces that target (e.g. after re-initialising the online one)."""
+        for name in names:
+            setattr(self, f"target_{name}", make_target(getattr(self, name)))
+            if name not in self._momentum_names:
+                self._momentum_names.append(name)
+
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return []
+        """(online, target) pairs, in the order ``add_targets`` registered them."""
+        return [(getattr(self, n), getattr(self, f"target_{n}")) for n in self._momentum_names]
 
     def momentum_at(self, step: int) -> float:
-        """Cosine schedule from cfg['momentum'] to 1 (BYOL); methods with a constant m override."""
+        """``cfg['momentum']``: constant, or BYOL's cosine schedule to 1 (``momentum_schedule``)."""
+        if self.momentum_schedule == "constant":
+            return self.cfg["momentum"]
         return cosine_momentum(self.cfg["momentum"], step, self.ctx.total_steps)
 
     # --- views ----------------------------------------------------------------------------------
@@ -123,6 +146,7 @@ class Modifier(nn.Module):
     paper: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
+    bounds: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
 
     def __init__(self, method: Method, cfg: dict[str, Any]):
         super().__init__()
@@ -143,6 +167,14 @@ def cosine_momentum(base: float, step: int, total_steps: int) -> float:
         return base
     k = min(max(step, 0), total_steps)
     return 1.0 - (1.0 - base) * (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
+
+
+def conv_mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = False) -> nn.Sequential:
+    """1×1 conv in → hidden, [BN,] ReLU, 1×1 conv → out: the dense projection heads (PixPro's ``MLP2d``
+    with BN; DiCoH's projector/predictor and CP2's projection without)."""
+    norm = [nn.BatchNorm2d(hidden_dim)] if batch_norm else []
+    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), *norm, nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden_dim, out_dim, 1))
 
 
 def make_target(module: nn.Module) -> nn.Module:
@@ -167,6 +199,14 @@ def embedding_std(z: Tensor) -> Tensor:
     """Collapse indicator: mean per-dimension std of L2-normalised embeddings (solo-learn)."""
     z = nn.functional.normalize(z.detach().float().flatten(1), dim=1)
     return z.std(dim=0).mean()
+
+
+def labelled_targets(views: Views, who: str) -> Tensor:
+    """The binary targets (B, 1, S, S) float of views built from labelled images (``Views.masks``, cropped
+    like view 1) for a method that trains on them (``trains_on_labelled``); a one-line error without."""
+    if views.masks is None:
+        raise BenchError(f"{who} trains on labelled images: pass their masks to make_views(..., masks=...)")
+    return (views.masks > 0.5).float()
 
 
 def last_feature(backbone: nn.Module, x: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """The two baselines without pretraining: ``scratch`` (random init) and ``imagenet`` (timm's
-ImageNet weights). They have no pretrain job; the finetune model starts from their init."""
+ImageNet weights). They have no pretrain job; the finetune model starts from their init
+(docs/methods.md, "Baselines")."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class Scratch(Method):
     name = "scratch"
     paper = "baseline: random initialisation, no pretraining"
     pretrains = False
+    group = "baselines"
     init = "scratch"
 
 
@@ -20,4 +22,5 @@ class ImageNet(Method):
     name = "imagenet"
     paper = "baseline: supervised ImageNet weights (timm), no further pretraining"
     pretrains = False
+    group = "baselines"
     init = "imagenet"

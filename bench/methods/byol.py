@@ -7,6 +7,7 @@ symmetrised over the two views (Eq. 3). Views: BYOL's asymmetric augmentation (r
 
 Heads and loss from lightly: ``BYOLProjectionHead``, ``BYOLPredictionHead``,
 ``NegativeCosineSimilarity`` (the target is detached here), ``update_momentum`` via the base class.
+Specification: docs/methods.md, "byol".
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from bench.augment import Views
 from bench.methods import register
-from bench.methods.base import Method, PretrainContext, embedding_std, make_target
+from bench.methods.base import Method, PretrainContext, embedding_std
 
 
 @register
@@ -27,18 +28,15 @@ class BYOL(Method):
     paper = "Grill et al., Bootstrap Your Own Latent, NeurIPS 2020"
     defaults = {"momentum": 0.99, "hidden_dim": 4096, "proj_dim": 256}
     recipe = "byol"
+    group = "global non-contrastive"
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict):
         super().__init__(backbone, ctx, cfg)
         c5 = ctx.feature_channels[-1]
         self.projector = BYOLProjectionHead(c5, cfg["hidden_dim"], cfg["proj_dim"])
         self.predictor = BYOLPredictionHead(cfg["proj_dim"], cfg["hidden_dim"], cfg["proj_dim"])
-        self.target_backbone = make_target(self.backbone)
-        self.target_projector = make_target(self.projector)
+        self.add_targets("backbone", "projector")
         self.criterion = NegativeCosineSimilarity()
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
 
     def _online(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.projector(pool(self.backbone(x)[-1]))

@@ -7,15 +7,15 @@ other image of the batch, MoCo-v2-augmented (q's background: image i−1, k's: i
 background is replaced by the same rectangle of the full-size foreground view; the paste masks are
 returned by the transform (never inferred from pixel values).
 
-Model: backbone at output stride 16 + ASPP (torchvision ``DeepLabHead(C5, 1)`` minus its classifier
-conv, i.e. the finetune head's modules 0–3, A = 256 channels) + projection 1×1 conv A→A, ReLU, 1×1 conv
-→128 (the official ``contrast_conv``; its 512 is the official ASPP's width). Key branch: EMA copy of
-all three, m = 0.999 constant, shuffle-BN. q_x, k_y: L2-normalised dense embeddings; masks sampled at
-the cell centres of the feature grid.
+Model: backbone at output stride 16 + ASPP (the finetune head, ``bench.models.deeplab_head`` with
+DeepLabv3's stride-16 rates (6, 12, 18), minus its classifier conv, i.e. modules 0–3, A = 256 channels)
++ projection 1×1 conv A→A, ReLU, 1×1 conv →128 (the official ``contrast_conv``; its 512 is the official
+ASPP's width). Key branch: EMA copy of all three, m = 0.999 constant, shuffle-BN. q_x, k_y:
+L2-normalised dense embeddings; masks sampled at the cell centres of the feature grid.
 
 Instance loss (MoCo): q̄ = normalise(Σ_x mask_q(x)·q_x), k̄ likewise; InfoNCE(q̄, k̄, queue), τ = 0.2,
 queue K = 65536 (capped at the pool size) of mask-pooled foreground keys, keys of the current images
-excluded from the negatives.
+excluded from the negatives (``exclude_self=false`` keeps them, as the official code does).
 Dense loss: logits_xy = cos(q_x, k_y) without temperature; for each key location y a log-softmax over
 all query locations x (background included in the denominator);
 
@@ -25,7 +25,7 @@ L = L_ins + 0.2·L_dense. Export: the backbone and the ASPP (DeepLabHead key nam
 finetune head by ``bench.models.load_aspp``), as CP2's own evaluation does; ``export_head=false``
 exports the backbone alone.
 Defaults: momentum 0.999, queue 65536, temperature 0.2, dense_weight 0.2, proj_dim 128, export_head
-True, shuffle_bn True.
+True, shuffle_bn True, exclude_self True (docs/methods.md, "cp2").
 """
 
 from __future__ import annotations
@@ -33,23 +33,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from bench import augment
+from bench import augment, geometry
 from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import register
-from bench.methods.base import Method, PretrainContext, embedding_std, make_target
-from bench.methods.queue import KeyQueue, capped_queue_size, gather_across_ranks, info_nce, shuffled_forward
+from bench.methods.base import Method, PretrainContext, conv_mlp, embedding_std
+from bench.methods.queue import KeyQueue, capped_queue_size, gather_across_ranks, info_nce, key_forward
+from bench.models import deeplab_head
 
 
-def aspp_head(in_channels: int) -> nn.Sequential:
-    """The finetune model's DeepLabHead without its classifier (modules 0–3, same state-dict keys).
+def aspp_head(in_channels: int, output_stride: int = 16) -> nn.Sequential:
+    """The finetune model's DeepLabHead (rates for ``output_stride``) without its classifier (modules 0–3,
+    same state-dict keys).
 
     The ASPP's Dropout(0.5) is made an identity: the official pretraining head applies dropout only
     before the classifier, which its contrastive mode skips. Dropout has no weights, so keys are unchanged.
     """
-    head = DeepLabHead(in_channels, 1)
+    head = deeplab_head(in_channels, 1, output_stride)
     aspp = nn.Sequential(*list(head.children())[:4])
     aspp[0].project[3] = nn.Identity()
     return aspp
@@ -82,11 +83,6 @@ def cp2_dense_loss(q: Tensor, k: Tensor, mask_q: Tensor, mask_k: Tensor) -> Tens
     return per_image.mean()
 
 
-def shuffled_key_forward(encoder: nn.Module, x: Tensor, chunks: int = 2, distributed: bool = False) -> Tensor:
-    """Shuffle-BN (MoCo) for a single-output encoder: the shared ``queue.shuffled_forward``."""
-    return shuffled_forward(lambda t: (encoder(t),), x, chunks, distributed)[0]
-
-
 class CP2Encoder(nn.Module):
     """Backbone (stride 16) → ASPP → projection: dense embeddings (B, proj_dim, h, w)."""
 
@@ -103,26 +99,21 @@ class CP2(Method):
     name = "cp2"
     paper = "Wang et al., CP2: Copy-Paste Contrastive Pretraining for Semantic Segmentation, ECCV 2022"
     defaults = {"momentum": 0.999, "queue": 65536, "temperature": 0.2, "dense_weight": 0.2, "proj_dim": 128,
-                "export_head": True, "shuffle_bn": True}
+                "export_head": True, "shuffle_bn": True, "exclude_self": True}
     recipe = "mocov2"
+    group = "dense contrastive"
     output_stride = 16
+    momentum_schedule = "constant"  # MoCo
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict):
         super().__init__(backbone, ctx, cfg)
-        self.aspp = aspp_head(ctx.feature_channels[-1])
+        self.aspp = aspp_head(ctx.feature_channels[-1], self.output_stride)
         width = aspp_channels(self.aspp)
-        self.projection = nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(inplace=True),
-                                        nn.Conv2d(width, cfg["proj_dim"], 1))
+        self.projection = conv_mlp(width, width, cfg["proj_dim"])
         self.encoder = CP2Encoder(self.backbone, self.aspp, self.projection)
-        self.target_encoder = make_target(self.encoder)
+        self.add_targets("encoder")
         size = capped_queue_size(cfg["queue"], ctx.pool_size, ctx.batch_size)
         self.queue = KeyQueue(size, cfg["proj_dim"])
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.encoder, self.target_encoder)]
-
-    def momentum_at(self, step: int) -> float:
-        return self.cfg["momentum"]  # constant (MoCo)
 
     # --- views ----------------------------------------------------------------------------------
     def make_views(self, images: Tensor, image_ids: Tensor, generator: torch.Generator,
@@ -147,16 +138,13 @@ class CP2(Method):
     @torch.no_grad()
     def _keys(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Key dense embeddings (B, D, N) and mask-pooled keys (B, D), with shuffle-BN if enabled."""
-        if not self.cfg["shuffle_bn"]:
-            out = self.target_encoder(x)
-        else:
-            out = shuffled_key_forward(self.target_encoder, x, distributed=self.ctx.distributed)
+        (out,) = key_forward(lambda t: (self.target_encoder(t),), x, self.cfg["shuffle_bn"], self.ctx.distributed)
         k = F.normalize(out.flatten(2), dim=1)
         return k, mask_pool(k, mask)
 
     def cell_masks(self, paste: Tensor, h: int, w: int) -> Tensor:
         """A paste mask (B, 1, S, S) sampled at the cell centres of the h×w feature grid: (B, h·w)."""
-        return augment.mask_at_cells(paste, h, w)
+        return geometry.mask_at_cells(paste, h, w)
 
     def training_step(self, views: Views, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         if views.paste1 is None or views.paste2 is None:
@@ -165,7 +153,7 @@ class CP2(Method):
         mask_q, mask_k = self.cell_masks(views.paste1, h, w), self.cell_masks(views.paste2, h, w)
         k, k_pooled = self._keys(views.x2, mask_k)
         q_pooled = mask_pool(q, mask_q)
-        exclude = self.queue.exclusion_mask(views.image_ids.to(self.queue.ids.device))
+        exclude = self.queue.exclusion_mask(views.image_ids, self.cfg["exclude_self"])
         ins = info_nce(q_pooled, k_pooled, self.queue.keys.clone(), self.cfg["temperature"], exclude)
         dense = cp2_dense_loss(q, k, mask_q, mask_k)
         loss = ins + self.cfg["dense_weight"] * dense

@@ -14,14 +14,16 @@ The MoCo-v2 global branch (see ``bench.methods.mocov2``) plus a dense branch on 
 - Dense loss (Eq. 2): L_r = mean_s −log exp(r_s·t_{c(s)}/τ) / (exp(r_s·t_{c(s)}/τ) + Σ_{t₋} exp(r_s·t₋/τ)),
   τ = 0.2, with negatives t₋ from a **second** queue that stores one key per image: the
   L2-normalised average pool of the key's dense projection (the official ``avgpool2``/``queue2``).
-  Queue keys of the current images are excluded from both losses' negatives (by image id).
+  Queue keys of the current images are excluded from both losses' negatives (by image id;
+  ``exclude_self=false`` keeps them, as the official code does).
 - Total (Eq. 3): L = (1 − λ)·L_q + λ·L_r, λ = 0.5; λ = 0 for the first ``warmup_steps`` steps
   (the official ``DenseCLWarmupHook``; off in the released configs, hence 0).
 
 Defaults (the paper / released configs): momentum 0.999, queue 65536 (both queues; capped at the
-pool size), temperature 0.2, proj_dim 128, hidden_dim 2048, shuffle_bn on, loss_lambda 0.5,
-warmup_steps 0. Views: recipe "mocov2". Released optimiser (for reference; the preset's is used):
-SGD lr 0.03 for batch 256, momentum 0.9, wd 1e-4, cosine, 200 epochs on ImageNet.
+pool size), temperature 0.2, proj_dim 128, hidden_dim 2048, shuffle_bn on, exclude_self on,
+loss_lambda 0.5, warmup_steps 0 (docs/methods.md, "densecl"). Views: recipe "mocov2". Released
+optimiser (for reference; the preset's is used): SGD lr 0.03 for batch 256, momentum 0.9, wd 1e-4,
+cosine, 200 epochs on ImageNet.
 The global projector's Linear layers are initialised as the official ``init_linear='kaiming'``
 (Kaiming-normal, fan_in, ReLU gain, zero bias); the dense layers keep PyTorch's default (the
 official code leaves its convs at the default too).
@@ -39,9 +41,9 @@ from torch import Tensor, nn
 
 from bench.augment import Views
 from bench.methods import register
-from bench.methods.base import PretrainContext, embedding_std, last_feature, make_target
-from bench.methods.mocov2 import MoCoV2, gather_across_ranks
-from bench.methods.queue import KeyQueue, info_nce
+from bench.methods.base import PretrainContext, embedding_std, last_feature
+from bench.methods.mocov2 import MoCoV2
+from bench.methods.queue import KeyQueue, gather_across_ranks, info_nce
 
 
 @register
@@ -49,19 +51,18 @@ class DenseCL(MoCoV2):
     name = "densecl"
     paper = "Wang et al., Dense Contrastive Learning for Self-Supervised Visual Pre-Training, CVPR 2021"
     defaults = {**MoCoV2.defaults, "loss_lambda": 0.5, "warmup_steps": 0}
+    bounds = {"loss_lambda": (0.0, 1.0)}
     recipe = "mocov2"
+    group = "dense contrastive"
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict):
         super().__init__(backbone, ctx, cfg)
         kaiming_init_linear(self.projector)
-        self.target_projector = make_target(self.projector)
+        self.add_targets("projector")  # the target copies the re-initialised projector
         self.dense_projector = DenseCLProjectionHead(ctx.feature_channels[-1], cfg["hidden_dim"],
                                                      cfg["proj_dim"])
-        self.target_dense_projector = make_target(self.dense_projector)
+        self.add_targets("dense_projector")
         self.dense_queue = KeyQueue(self.queue.size, cfg["proj_dim"])
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return super().momentum_pairs() + [(self.dense_projector, self.target_dense_projector)]
 
     def loss_weight(self, step: int) -> float:
         """λ of Eq. 3: 0 during the warm-up steps, then ``loss_lambda``."""
@@ -80,9 +81,9 @@ class DenseCL(MoCoV2):
         index = correspondence(features.detach().flatten(2).transpose(1, 2), k_backbone)
         ids = views.image_ids.to(q.device)
         tau = self.cfg["temperature"]
-        loss_global = info_nce(q, k, self.queue.keys.clone(), tau, self.queue.exclusion_mask(ids))
+        loss_global = info_nce(q, k, self.queue.keys.clone(), tau, self.exclusion(self.queue, ids))
         loss_dense = dense_info_nce(q_grid, match(k_grid, index), self.dense_queue.keys.clone(), tau,
-                                    self.dense_queue.exclusion_mask(ids))
+                                    self.exclusion(self.dense_queue, ids))
         lam = self.loss_weight(step)
         loss = (1.0 - lam) * loss_global + lam * loss_dense
         k, k_pooled, ids = gather_across_ranks(k, k_pooled, ids, distributed=self.ctx.distributed)

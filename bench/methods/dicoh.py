@@ -1,5 +1,5 @@
 """DiCoH — "Rethinking self-supervised pretraining for semantic segmentation in homogeneous medical
-domains" (the seed paper of this benchmark, §3; DESIGN.md §12 "dicoh").
+domains" (the seed paper of this benchmark, §3; docs/methods.md, "dicoh").
 
 Architecture (symmetric siamese, no predictor): online encoder F_q + projector P_q, target encoder +
 projector (F_k, P_k) = EMA of the online ones (m₀ = 0.99, cosine to 1). ONE projector, a 1×1 conv MLP
@@ -9,10 +9,12 @@ A queue 𝒦 of image-level keys k (K = 65536, capped at the pool size) is share
 views' keys are enqueued (symmetrised), with their image ids so that keys of the current images are
 excluded from the negatives.
 
-Losses, for a query view a and a key view b (then symmetrised: the mean of a = 1, b = 2 and a = 2, b = 1):
+Losses, for a query view a and a key view b (then symmetrised: the mean of a = 1, b = 2 and a = 2, b = 1;
+``direction=one-way`` is the paper's literal Eqs. 1–5: a = 1, b = 2 only, and only view 2's keys are
+enqueued):
 
 - L_global = InfoNCE(q, k; negatives 𝒦), τ = 0.2 (``bench.methods.queue.info_nce``).
-- Spatial map R (``bench.augment.nearest_cells`` on the C5 grid): for query cell i the key cell whose
+- Spatial map R (``bench.geometry.nearest_cells`` on the C5 grid): for query cell i the key cell whose
   centre maps to the nearest original-image location, valid where that distance is < 0.7 bin diagonals.
 - Similarity map M(i) = argmax_j cos(h^q_i, h^k_j) on the **backbone** features h (online h^q, target h^k).
 - Hard pixel-to-image negatives 𝒩(i): the queue keys whose similarity with z^q_i is at or above the
@@ -28,15 +30,17 @@ embeddings; the global q is pooled from its output), ``global_projector=separate
 MLP head C5 → 2048 ReLU → 128 on pooled backbone features, EMA'd; the queue then holds those keys and
 both losses still read it), ``negatives=pixel`` (pixel-to-pixel negatives: the key view's other pixels of
 the same image, still with the percentile cut), ``percentile=0|50|75`` (0 keeps all),
-``positives=spatial|similar|both``, ``lambda``, ``queue``, ``momentum``, ``temperature``.
+``positives=spatial|similar|both``, ``lambda``, ``queue``, ``momentum``, ``temperature``,
+``direction=symmetric|one-way``.
 
-Shuffle-BN: on one device the target encoder runs on a shuffled batch in ``shuffle_chunks`` sub-batches
-(the SplitBatchNorm idea); under DDP lightly's ``batch_shuffle_distributed``. Keys are gathered across
-ranks before they are enqueued. Views: recipe "dicoh" (MoCo-v2 augmentation with crop geometry + noise).
+Shuffle-BN: on one device the target encoder runs on a shuffled batch in ``queue.SHUFFLE_SPLITS``
+sub-batches (the SplitBatchNorm idea); under DDP lightly's ``batch_shuffle_distributed``. Keys are
+gathered across ranks before they are enqueued. Views: recipe "dicoh" (MoCo-v2 augmentation with crop
+geometry + noise).
 
 Defaults: momentum 0.99, queue 65536, temperature 0.2, lambda 0.5, percentile 75, positives both,
 negatives image, predictor sym, global_projector shared, hidden_dim 2048, proj_dim 128, threshold 0.7,
-shuffle_bn True.
+shuffle_bn True, direction symmetric.
 """
 
 from __future__ import annotations
@@ -49,19 +53,13 @@ from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import most_similar_index
 from torch import Tensor, nn
 
-from bench import augment
+from bench import geometry
 from bench.augment import Views
 from bench.methods import register
-from bench.methods.base import Method, PretrainContext, embedding_std, make_target
-from bench.methods.queue import KeyQueue, capped_queue_size, gather_across_ranks, info_nce, shuffled_forward
+from bench.methods.base import Method, PretrainContext, conv_mlp, embedding_std
+from bench.methods.queue import KeyQueue, capped_queue_size, gather_across_ranks, info_nce, key_forward
 
 POSITIVE_MAPS = {"spatial": ("spatial",), "similar": ("similar",), "both": ("spatial", "similar")}
-
-
-def conv_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """1×1 conv in → hidden, ReLU, 1×1 conv → out (no BN): DiCoH's pixel projector and predictor."""
-    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden_dim, out_dim, 1))
 
 
 def pooled_embedding(z: Tensor) -> Tensor:
@@ -120,12 +118,14 @@ class DiCoH(Method):
     paper = "DiCoH: Rethinking SSL pretraining for segmentation in homogeneous medical domains (§3)"
     defaults = {"momentum": 0.99, "queue": 65536, "temperature": 0.2, "lambda": 0.5, "percentile": 75,
                 "positives": "both", "negatives": "image", "predictor": "sym", "global_projector": "shared",
-                "hidden_dim": 2048, "proj_dim": 128, "threshold": 0.7, "shuffle_bn": True}
+                "hidden_dim": 2048, "proj_dim": 128, "threshold": 0.7, "shuffle_bn": True,
+                "direction": "symmetric"}
     choices = {"percentile": (0, 50, 75), "positives": ("spatial", "similar", "both"),
                "negatives": ("image", "pixel"), "predictor": ("sym", "asym"),
-               "global_projector": ("shared", "separate")}
+               "global_projector": ("shared", "separate"), "direction": ("symmetric", "one-way")}
+    bounds = {"lambda": (0.0, 1.0), "threshold": (0.0, None)}
     recipe = "dicoh"
-    shuffle_chunks = 2
+    group = "dense contrastive"
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict):
         super().__init__(backbone, ctx, cfg)
@@ -134,16 +134,9 @@ class DiCoH(Method):
         self.predictor = conv_mlp(dim, hidden, dim) if cfg["predictor"] == "asym" else None
         separate = cfg["global_projector"] == "separate"
         self.global_head = MoCoProjectionHead(c5, hidden, dim) if separate else None
-        self.target_backbone = make_target(self.backbone)
-        self.target_projector = make_target(self.projector)
-        self.target_global_head = make_target(self.global_head) if self.global_head is not None else None
+        self.target_global_head = None
+        self.add_targets("backbone", "projector", *(("global_head",) if separate else ()))
         self.queue = KeyQueue(capped_queue_size(cfg["queue"], ctx.pool_size, ctx.batch_size), dim)
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pairs = [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
-        if self.global_head is not None:
-            pairs.append((self.global_head, self.target_global_head))
-        return pairs
 
     # --- embeddings -------------------------------------------------------------------------------
     def embed_online(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,20 +160,17 @@ class DiCoH(Method):
             else F.normalize(self.target_global_head(h.mean(dim=(2, 3))), dim=1)
         return h, z, k
 
-    @torch.no_grad()
     def embed_target(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Target h, z, k (no gradient), with shuffle-BN when ``shuffle_bn``."""
-        chunks = self.shuffle_chunks if self.cfg["shuffle_bn"] else 1
-        distributed = self.ctx.distributed and self.cfg["shuffle_bn"]
-        return shuffled_forward(self._target_forward, x, chunks, distributed)
+        return key_forward(self._target_forward, x, self.cfg["shuffle_bn"], self.ctx.distributed)
 
     # --- positives and negatives ------------------------------------------------------------------
-    def positive_map(self, kind: str, geometry: tuple[Tensor, Tensor, Tensor, Tensor], hq: Tensor,
+    def positive_map(self, kind: str, boxes: tuple[Tensor, Tensor, Tensor, Tensor], hq: Tensor,
                      hk: Tensor) -> tuple[Tensor, Tensor]:
         """(index (B, HW), valid (B, HW)) of the spatial map R or the similarity map M."""
         if kind == "spatial":
             h, w = hq.shape[-2:]
-            return augment.nearest_cells(*geometry, h, w, threshold=self.cfg["threshold"])
+            return geometry.nearest_cells(*boxes, h, w, threshold=self.cfg["threshold"])
         index = similarity_map(hq, hk)
         return index, torch.ones_like(index, dtype=torch.bool)
 
@@ -200,11 +190,11 @@ class DiCoH(Method):
 
     # --- loss ---------------------------------------------------------------------------------------
     def direction_terms(self, online: tuple[Tensor, Tensor, Tensor], target: tuple[Tensor, Tensor, Tensor],
-                        geometry: tuple[Tensor, Tensor, Tensor, Tensor], keys: Tensor,
+                        boxes: tuple[Tensor, Tensor, Tensor, Tensor], keys: Tensor,
                         exclude: Tensor) -> dict[str, Tensor]:
         """L_global, L_spatial, L_similar for one (query view, key view) direction.
 
-        geometry = (box_q, flip_q, box_k, flip_k); keys (K, D): a snapshot of the queue (the queue is
+        boxes = (box_q, flip_q, box_k, flip_k); keys (K, D): a snapshot of the queue (the queue is
         updated in place before backward); exclude (B, K): queued keys of the current images.
         """
         hq, zq_map, q = online
@@ -215,7 +205,7 @@ class DiCoH(Method):
         zk = zk_map.flatten(2).transpose(1, 2).float()
         shared = self.image_negatives(zq, keys, exclude) if self.cfg["negatives"] == "image" else None
         for kind in POSITIVE_MAPS[self.cfg["positives"]]:
-            index, valid = self.positive_map(kind, geometry, hq, hk)
+            index, valid = self.positive_map(kind, boxes, hq, hk)
             negatives = shared if shared is not None else self.pixel_negatives(zq, zk, index)
             terms[kind] = pixel_info_nce(gather_positives(zq, zk, index), negatives, valid, tau)
             terms[f"{kind}_valid"] = valid.float().mean()
@@ -223,17 +213,24 @@ class DiCoH(Method):
 
     def training_step(self, views: Views, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         ids = views.image_ids.to(views.x1.device)
-        on1, on2 = self.embed_online(views.x1), self.embed_online(views.x2)
-        tg1, tg2 = self.embed_target(views.x1), self.embed_target(views.x2)
         keys, exclude = self.queue.keys.clone(), self.queue.exclusion_mask(ids)
         geo1, geo2 = (views.box1, views.flip1), (views.box2, views.flip2)
-        t12 = self.direction_terms(on1, tg2, (*geo1, *geo2), keys, exclude)
-        t21 = self.direction_terms(on2, tg1, (*geo2, *geo1), keys, exclude)
-        terms = {name: (t12[name] + t21[name]) / 2 for name in t12}
+        on1 = self.embed_online(views.x1)
+        if self.cfg["direction"] == "one-way":  # Eqs. 1-5 as printed: query view 1, key view 2
+            tg2 = self.embed_target(views.x2)
+            terms = self.direction_terms(on1, tg2, (*geo1, *geo2), keys, exclude)
+            new_keys, new_ids = tg2[2], ids
+        else:  # symmetrised: the mean of both directions, both views' keys enqueued
+            on2 = self.embed_online(views.x2)
+            tg1, tg2 = self.embed_target(views.x1), self.embed_target(views.x2)
+            t12 = self.direction_terms(on1, tg2, (*geo1, *geo2), keys, exclude)
+            t21 = self.direction_terms(on2, tg1, (*geo2, *geo1), keys, exclude)
+            terms = {name: (t12[name] + t21[name]) / 2 for name in t12}
+            new_keys, new_ids = torch.cat([tg1[2], tg2[2]]), torch.cat([ids, ids])
         local = sum(terms[kind] for kind in POSITIVE_MAPS[self.cfg["positives"]])
         lam = self.cfg["lambda"]
         loss = lam * local + (1.0 - lam) * terms["global"]
-        self.enqueue(torch.cat([tg1[2], tg2[2]]), torch.cat([ids, ids]))
+        self.enqueue(new_keys, new_ids)
         logs = {name if name.endswith("_valid") else f"loss_{name}": value.detach()
                 for name, value in terms.items()}
         logs.update(loss=loss.detach(), loss_local=local.detach(), std=embedding_std(on1[2]),
@@ -242,7 +239,7 @@ class DiCoH(Method):
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, ids: Tensor) -> None:
-        """Push both views' keys (gathered across ranks under DDP) with their image ids."""
+        """Push the keys (gathered across ranks under DDP) with their image ids."""
         if self.ctx.distributed:
             keys, ids = gather_across_ranks(keys, ids, distributed=True)
         self.queue.push(keys, ids)

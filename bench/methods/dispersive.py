@@ -1,7 +1,7 @@
 """Dispersive loss — Wang & He 2025, "Diffuse and Disperse: Image Generation with Representation
 Regularization"; its medical uses in Med-DisSeg (stage I and Disp-II) and SpectraFlow (stage 1).
 
-``dispersive_loss(h)`` on a batch of representations h (B, D), pairs i ≠ j (DESIGN.md §12):
+``dispersive_loss(h)`` on a batch of representations h (B, D), pairs i ≠ j (docs/methods.md, "dispersive"):
 
 - ``l2``    (Med-DisSeg Eq. 3): log( mean_{i≠j} exp(−‖h_i − h_j‖²/τ) + ε )
 - ``cos``   (Eq. 4):            log( mean_{i≠j} exp(−(1 − cos(h_i, h_j))/τ) + ε )
@@ -9,8 +9,9 @@ Regularization"; its medical uses in Med-DisSeg (stage I and Disp-II) and Spectr
 - ``cov``   (Eq. 6):            ‖C − diag(C)‖²_F,  C = H̃ᵀH̃/(B − 1), H̃ the centred batch
 
 ``normalize=True`` divides squared distances by D (Wang & He's released code; ``l2`` and ``hinge``;
-``cos`` is scale-free) and, for ``cov``, the sum by D (VICReg's 1/d convention: on a flattened
-activation the D² off-diagonal entries would otherwise dwarf every other term).
+``cos`` is scale-free). ``cov`` follows Eq. 6 as printed (no 1/D, so Med-DisSeg's λ applies);
+``cov_per_dim=True`` divides it by D (VICReg's 1/d convention: on a flattened activation the D²
+off-diagonal entries would otherwise dwarf every other term).
 ``include_self=True`` reproduces Wang & He's released formula instead of the seeds' equations: the
 mean runs over all B² pairs including the diagonal (exp(0) = 1 for the log variants, δ² for hinge)
 and the log has no ε, so the loss bottoms out at log(1/B). ``cov`` has no pairs: ``include_self``
@@ -25,7 +26,7 @@ Uses here:
 - the ``+disp`` modifier on any method (``DispersiveModifier``): the chosen stage(s) of the method's
   online backbone, captured by a forward hook; defaults are Med-DisSeg's (λ = 0.2, τ = 0.8, ``l2``,
   ``early``) with ``normalize=True`` and ``pool=flatten`` (Wang & He: the whole activation);
-  SpectraFlow's stage 1 is ``meanflow+disp:weight=0.4,layer=penultimate``;
+  SpectraFlow's stage 1 (Eq. 5) is ``meanflow+disp:weight=0.4,layer=penultimate,pool=gap,normalize=false``;
 - ``finetune_dispersive`` / ``finetune_regulariser``: Med-DisSeg's Disp-II on the fine-tuning
   encoder (λ₂ = 0.6; a fine-tuning cell runs in one process, so this batch is never gathered);
 - the ``dispersive`` registry entry: Med-DisSeg stage I (``MedDisSegStageI``): encoder + a light
@@ -46,7 +47,8 @@ from torch import Tensor, nn
 from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import register
-from bench.methods.base import Method, Modifier, PretrainContext, embedding_std
+from bench.methods.base import Method, Modifier, PretrainContext, embedding_std, labelled_targets
+from bench.methods.queue import ddp_active
 from bench.models import dice_bce_loss
 
 VARIANTS = ("l2", "cos", "hinge", "cov")
@@ -58,7 +60,7 @@ POOLS = ("flatten", "gap")
 
 def dispersive_loss(h: Tensor, variant: str = "l2", tau: float = 0.5, margin: float = 1.0,
                     eps: float = 1e-8, normalize: bool = False, include_self: bool = False,
-                    distributed: bool = False) -> Tensor:
+                    distributed: bool = False, cov_per_dim: bool = False) -> Tensor:
     """Dispersive loss of a batch h (B, D) (module docstring); a scalar, lower = more dispersed.
     ``distributed``: under DDP, the loss of all ranks' batches together (``gather_batch``).
 
@@ -73,7 +75,7 @@ def dispersive_loss(h: Tensor, variant: str = "l2", tau: float = 0.5, margin: fl
     if b < 2:
         raise BenchError("the dispersive loss needs a batch of at least 2 samples; raise the batch size")
     if variant == "cov":
-        return offdiagonal_covariance(h) / (d if normalize else 1)
+        return offdiagonal_covariance(h) / (d if cov_per_dim else 1)
     if variant == "cos":
         hn = F.normalize(h, dim=1)
         dist = 1.0 - hn @ hn.t()
@@ -111,8 +113,7 @@ def offdiagonal_covariance(h: Tensor) -> Tensor:
 def gather_batch(h: Tensor, distributed: bool = False) -> Tensor:
     """With ``distributed`` under DDP: all ranks' batches concatenated in rank order, through lightly's
     ``GatherLayer`` (backward: the gradients of every rank's loss summed into each slice); else ``h``."""
-    dist = torch.distributed
-    if not (distributed and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not ddp_active(distributed):
         return h
     return torch.cat(lightly_dist.gather(h.contiguous()))
 
@@ -172,8 +173,9 @@ class DispersiveModifier(Modifier):
     name = "disp"
     paper = "Wang & He 2025, Diffuse and Disperse; Med-DisSeg Eqs. 3-6; SpectraFlow"
     defaults = {"variant": "l2", "weight": 0.2, "tau": 0.8, "margin": 1.0, "eps": 1e-8,
-                "layer": "early", "pool": "flatten", "normalize": True, "include_self": False}
+                "layer": "early", "pool": "flatten", "normalize": True, "include_self": False, "cov_per_dim": False}
     choices = {"variant": VARIANTS, "layer": LAYERS, "pool": POOLS}
+    bounds = {"margin": (0.0, None)}
 
     def __init__(self, method: Method, cfg: dict[str, Any]):
         super().__init__(method, cfg)
@@ -211,7 +213,7 @@ class DispersiveModifier(Modifier):
         cfg = self.cfg
         value = sum(dispersive_loss(pool_features(self.captured[i], cfg["pool"]), cfg["variant"],
                                     cfg["tau"], cfg["margin"], cfg["eps"], cfg["normalize"],
-                                    cfg["include_self"], self.distributed) for i in self.indices)
+                                    cfg["include_self"], self.distributed, cfg["cov_per_dim"]) for i in self.indices)
         first = pool_features(self.captured[self.indices[0]].detach(), cfg["pool"])
         logs = {"disp": value.detach(), "disp_sqdist": mean_sq_dist(first, cfg["normalize"])}
         self.captured = {}
@@ -266,9 +268,11 @@ class MedDisSegStageI(Method):
     name = "dispersive"
     paper = "Med-DisSeg stage I (dispersive loss: Wang & He 2025, Diffuse and Disperse)"
     defaults = {"weight": 0.2, "variant": "l2", "tau": 0.8, "margin": 1.0, "layer": "early",
-                "pool": "flatten", "normalize": True, "include_self": False}
+                "pool": "flatten", "normalize": True, "include_self": False, "cov_per_dim": False}
     choices = {"variant": VARIANTS, "layer": LAYERS, "pool": POOLS}
+    bounds = {"margin": (0.0, None)}
     recipe = "photometric"
+    group = "flow/dispersive"
     uses_labels = True
     trains_on_labelled = True
 
@@ -276,21 +280,17 @@ class MedDisSegStageI(Method):
         super().__init__(backbone, ctx, cfg)
         self.head = nn.Conv2d(ctx.feature_channels[-1], 1, kernel_size=1)
 
-    def momentum_at(self, step: int) -> float:
-        return 1.0  # no momentum pairs
-
     def training_step(self, views: Views, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        if views.masks is None:
-            raise BenchError("dispersive (Med-DisSeg stage I) trains on the labelled subset: pass its masks "
-                             "to make_views(..., masks=...)")
+        target = labelled_targets(views, "dispersive (Med-DisSeg stage I)")
         features = self.backbone(views.x1)
         logits = F.interpolate(self.head(features[-1]), size=views.x1.shape[-2:], mode="bilinear",
                                align_corners=False)
-        seg = dice_bce_loss(logits, (views.masks > 0.5).float())
+        seg = dice_bce_loss(logits, target)
         cfg = self.cfg
         disp = stage_dispersive(features, cfg["layer"], cfg["pool"], variant=cfg["variant"], tau=cfg["tau"],
                                 margin=cfg["margin"], normalize=cfg["normalize"],
-                                include_self=cfg["include_self"], distributed=self.ctx.distributed)
+                                include_self=cfg["include_self"], distributed=self.ctx.distributed,
+                                cov_per_dim=cfg["cov_per_dim"])
         loss = seg + cfg["weight"] * disp
         return loss, {"loss": loss.detach(), "seg": seg.detach(), "disp": disp.detach(),
                       "std": embedding_std(features[-1].mean(dim=(2, 3)))}

@@ -1,7 +1,7 @@
 """MeanFlow latent-transport pretraining — SpectraFlow stage 1 (Chen et al. 2026, "SpectraFlow: Unifying
 Structural Pretraining and Frequency Adaptation for Medical Image Segmentation"), with the MeanFlow
 objective of Geng et al. 2025 ("Mean Flows for One-step Generative Modeling"; official JAX code
-Gsunshine/meanflow), DESIGN.md §12 meanflow.
+Gsunshine/meanflow); docs/methods.md, "meanflow".
 
 Convention: t = 0 data, t = 1 noise. The latent is the online encoder's C5 map, z₀ = E(x) (the
 gradient reaches the encoder through z₀), ε ~ N(0, I):
@@ -16,15 +16,16 @@ predicts the average velocity. One JVP gives the prediction and its total time d
 Times: t, r ~ sigmoid(N(−0.4, 1)) independently, (t, r) ← (max, min), and r = t for the first 75% of
 the batch (``ratio_r_neq_t = 0.25``; there the objective is plain flow matching, u_tgt = v).
 
-Options: ``target=ema`` takes u_tgt from an EMA copy (m = 0.999) of encoder + head (SpectraFlow's
-stop-gradient target network: its own latent z₀′ = E_ema(x) with the same ε, t, r); ``export=ema``
-exports the EMA encoder. Mixed domain (``domain=mixed``, the default, SpectraFlow's
-Mixed-Domain MeanFlow): a share (``mask_share = 0.5``) of each batch's images is replaced by binary
-masks of the labelled subset repeated to 3 channels — inputs only, never targets — before the
-(light) augmentation, so masks are cropped, flipped and normalised like images; ``domain=image``
-trains on images alone and reads no labels (``reads_labels``). One view (``Views.x1``) is used.
-SpectraFlow's optimiser (AdamW, lr 1e-5 → 1e-6) is recorded in ``paper_optim``; the protocol's
-uniform schedule applies. ``meanflow+disp:weight=0.4,layer=penultimate`` is SpectraFlow's full stage 1.
+Options: ``target=ema`` takes u_tgt from an EMA copy (m = 0.999) of the head (SpectraFlow's
+stop-gradient target network, Eq. 3): u_tgt = sg(v − clip(t − r)·d/dt u_θ⁻(z_t, r, t)), both sides at the
+online latent's z_t; ``ema_latent=ema`` instead evaluates the target at the EMA encoder's own latent
+z_t′ = (1 − t)·E_ema(x) + t·ε (same ε, t, r). ``export=ema`` exports the EMA encoder. Mixed domain
+(``domain=mixed``, the default, SpectraFlow's Mixed-Domain MeanFlow): a share (``mask_share = 0.5``) of
+each batch's images is replaced by binary masks of the labelled subset repeated to 3 channels — inputs
+only, never targets — before the (light) augmentation, so masks are cropped, flipped and normalised like
+images; ``domain=image`` trains on images alone and reads no labels (``reads_labels``). One view
+(``Views.x1``) is used. The protocol's uniform optimiser applies (SpectraFlow's: AdamW, lr 1e-5 → 1e-6).
+``meanflow+disp:weight=0.4,layer=penultimate,pool=gap,normalize=false`` is SpectraFlow's full stage 1.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from bench.augment import Views
 from bench.errors import BenchError
 from bench.methods import register
-from bench.methods.base import Method, PretrainContext, embedding_std, make_target
+from bench.methods.base import Method, PretrainContext, embedding_std
 
 # --- the head u_θ(z, r, t) -------------------------------------------------------------------------
 
@@ -198,32 +199,34 @@ def mix_mask_inputs(images: Tensor, masks: Tensor, share: float,
 class MeanFlow(Method):
     name = "meanflow"
     paper = "SpectraFlow stage 1 (Chen et al. 2026) with MeanFlow (Geng et al. 2025)"
-    defaults = {"domain": "mixed", "mask_share": 0.5, "target": "online", "export": "online", "ema": 0.999,
-                "head_dim": 256, "head_blocks": 3, "freq_dim": 256, "head_skip": True, "p_mean": -0.4, "p_std": 1.0,
-                "ratio_r_neq_t": 0.25, "norm_p": 1.0, "norm_eps": 0.01}
-    choices = {"domain": ("mixed", "image"), "target": ("online", "ema"), "export": ("online", "ema")}
+    defaults = {"domain": "mixed", "mask_share": 0.5, "target": "online", "ema_latent": "online", "export": "online",
+                "ema": 0.999, "head_dim": 256, "head_blocks": 3, "freq_dim": 256, "head_skip": True, "p_mean": -0.4,
+                "p_std": 1.0, "ratio_r_neq_t": 0.25, "norm_p": 1.0, "norm_eps": 0.01}
+    choices = {"domain": ("mixed", "image"), "target": ("online", "ema"), "ema_latent": ("online", "ema"),
+               "export": ("online", "ema")}
+    bounds = {"ratio_r_neq_t": (0.0, 1.0), "p_std": (0.0, None), "norm_p": (0.0, None)}
     recipe = "light"
+    group = "flow/dispersive"
     uses_labels = True  # per config: reads_labels (domain=image reads none)
-    paper_optim = {"optimizer": "adamw", "lr": 1e-5, "min_lr": 1e-6}  # SpectraFlow; reference only
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict):
         super().__init__(backbone, ctx, cfg)
         if not 0.0 <= cfg["mask_share"] <= 1.0 or not 0.0 <= cfg["ratio_r_neq_t"] <= 1.0:
             raise BenchError("meanflow: mask_share and ratio_r_neq_t must lie in [0, 1]")
+        if cfg["ema_latent"] != "online" and cfg["target"] != "ema":
+            raise BenchError("meanflow: ema_latent=ema applies to the EMA target only; add target=ema")
         self.head = MeanFlowHead(ctx.feature_channels[-1], cfg["head_dim"], cfg["head_blocks"], cfg["freq_dim"],
                                  cfg["head_skip"])
-        self.uses_ema = cfg["target"] == "ema" or cfg["export"] == "ema"
-        if self.uses_ema:
-            self.ema_backbone = make_target(self.backbone)
-            self.ema_head = make_target(self.head)
+        ema_target = cfg["target"] == "ema"
+        if cfg["export"] == "ema" or (ema_target and cfg["ema_latent"] == "ema"):
+            self.add_targets("backbone")  # EMA encoder: exported, or the target's own latent
+        if ema_target:
+            self.add_targets("head")
 
     @classmethod
     def reads_labels(cls, cfg: dict[str, Any]) -> bool:
         """Mixed-domain MeanFlow reads the labelled subset's masks; ``domain=image`` reads no labels."""
         return cfg.get("domain", cls.defaults["domain"]) == "mixed"
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.backbone, self.ema_backbone), (self.head, self.ema_head)] if self.uses_ema else []
 
     def momentum_at(self, step: int) -> float:
         return self.cfg["ema"]  # constant EMA (SpectraFlow: 0.999)
@@ -231,18 +234,16 @@ class MeanFlow(Method):
     def make_views(self, images: Tensor, image_ids: Tensor, generator: torch.Generator,
                    masks: Tensor | None = None) -> Views:
         """One light-augmented view (x1) of the batch; with ``domain=mixed`` a share of the images is first
-        replaced by the given labelled masks as 3-channel images (``extra['mask_input']`` marks them)."""
+        replaced by the given labelled masks as 3-channel images (``mix_mask_inputs``)."""
         from bench.augment import make_views
 
-        is_mask = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
         if self.cfg["domain"] == "mixed":
             if masks is None:
                 raise BenchError("meanflow (domain=mixed) needs a batch of labelled masks: pass masks= to "
                                  "make_views, or use meanflow:domain=image")
-            images, is_mask = mix_mask_inputs(images, masks, self.cfg["mask_share"], generator)
+            images, _ = mix_mask_inputs(images, masks, self.cfg["mask_share"], generator)
         views = make_views(images, self.recipe, self.ctx.image_size, generator, image_ids=image_ids)
         views.masks = None  # masks were inputs only; nothing downstream may use them as targets
-        views.extra["mask_input"] = is_mask
         return views
 
     def training_step(self, views: Views, step: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -258,7 +259,7 @@ class MeanFlow(Method):
         else:
             with torch.autocast(device_type=z_t.device.type, enabled=False):
                 u = self.head(z_t, r.float(), t.float())
-            u_tgt = self._ema_target(x, noise, r, t)
+            u_tgt = self._ema_target(x, z_t, v, noise, r, t)
         loss, delta2 = meanflow_loss(u, u_tgt, cfg["norm_p"], cfg["norm_eps"])
         pooled = z0.detach().mean(dim=(2, 3))
         return loss, {"loss": loss.detach(), "delta2": delta2.detach().mean(),
@@ -266,13 +267,15 @@ class MeanFlow(Method):
                       "std": embedding_std(pooled), "feat_var": pooled.var(dim=0).mean()}
 
     @torch.no_grad()
-    def _ema_target(self, x: Tensor, noise: Tensor, r: Tensor, t: Tensor) -> Tensor:
-        """u_tgt from the EMA encoder + head (their own latent, the same ε, t, r)."""
-        z_t, v = interpolate(self.ema_backbone(x)[-1].float(), noise, t)
-        _, dudt = u_and_dudt(self.ema_head, z_t, v, r, t)
+    def _ema_target(self, x: Tensor, z_t: Tensor, v: Tensor, noise: Tensor, r: Tensor, t: Tensor) -> Tensor:
+        """u_tgt from the EMA head: at the online z_t and v (SpectraFlow Eq. 3, ``ema_latent=online``) or at
+        the EMA encoder's own latent with the same ε, t, r (``ema_latent=ema``)."""
+        if self.cfg["ema_latent"] == "ema":
+            z_t, v = interpolate(self.target_backbone(x)[-1].float(), noise, t)
+        _, dudt = u_and_dudt(self.target_head, z_t.detach(), v.detach(), r, t)
         return meanflow_target(v, dudt, r, t)
 
     def export(self) -> dict[str, dict[str, Tensor]]:
         """The online encoder (default) or its EMA copy (``export=ema``); the head is not exported."""
-        source = self.ema_backbone if self.cfg["export"] == "ema" else self.backbone
+        source = self.target_backbone if self.cfg["export"] == "ema" else self.backbone
         return {"backbone": {k: v.detach().cpu() for k, v in source.state_dict().items()}}

@@ -1,7 +1,8 @@
 """PixPro — Xie et al., "Propagate Yourself: Exploring Pixel-Level Consistency for Unsupervised Visual
 Representation Learning", CVPR 2021 (official code: github.com/zdaxie/PixPro).
 
-Online: backbone → projector (1×1 conv C5→4096, BN, ReLU, 1×1 conv →256: the official ``MLP2d``) →
+Online: backbone → projector (1×1 conv C5→4096, BN, ReLU, 1×1 conv →256: the official ``MLP2d``,
+``base.conv_mlp(..., batch_norm=True)``) →
 pixel propagation module (PPM, the paper's §3.2 and the official ``featprop``):
 
     y_i = Σ_j s(x_i, x_j) · ĝ(x_j),   s(x_i, x_j) = max(cos(x_i, x_j), 0)^γ,   γ = 2,
@@ -9,9 +10,10 @@ pixel propagation module (PPM, the paper's §3.2 and the official ``featprop``):
 with g one 1×1 conv 256→256 (``transform_layer=1``) and ĝ = g(x) L2-normalised per location before
 propagation; y is L2-normalised again. Target: EMA copy of backbone + projector, m₀ = 0.99 cosine to 1.
 
-Positive pairs: cell i of view 1 and cell j of view 2 whose centres, in normalised source-image
-coordinates, are closer than T = 0.7 times the larger bin diagonal of the two views
-(``bench.augment.positive_pairs``; flips mirror the coordinates). Loss per direction (official
+Positive pairs: cell i of view 1 and cell j of view 2 whose centres, in the official source coordinates
+(x/(W − 1), y/(H − 1) of the crop's first and last pixel, ``geometry.pixel_index_box``), are closer than
+T = 0.7 times the larger bin diagonal of the two views (``geometry.positive_pairs``; flips mirror the
+coordinates). Loss per direction (official
 ``regression_loss``): −2 · mean over images of Σ_ij M_ij cos(y_i, x′_j) / (Σ_ij M_ij + 1e-6), so an
 image without positives contributes 0; symmetrised over the two views.
 
@@ -21,7 +23,7 @@ added with weight ``instance_weight``.
 
 Views: BYOL's asymmetric augmentation (recipe "byol", as the official ``--aug BYOL``).
 Defaults: momentum 0.99, gamma 2, threshold 0.7, proj_dim 256, hidden_dim 4096, instance False,
-instance_weight 1.0.
+instance_weight 1.0 (docs/methods.md, "pixpro").
 """
 
 from __future__ import annotations
@@ -30,24 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench import augment
+from bench import geometry
 from bench.augment import Views
+from bench.errors import BenchError
 from bench.methods import register
-from bench.methods.base import Method, PretrainContext, embedding_std, make_target
-
-
-class MLP2d(nn.Module):
-    """1×1 conv in→hidden, BN, ReLU, 1×1 conv →out: PixPro's projector (and PixPro+'s predictor)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_dim, out_dim, 1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+from bench.methods.base import Method, PretrainContext, conv_mlp, embedding_std
 
 
 def propagate(x: Tensor, value: Tensor, gamma: float) -> Tensor:
@@ -102,32 +91,33 @@ class PixPro(Method):
     paper = "Xie et al., Propagate Yourself (PixPro), CVPR 2021"
     defaults = {"momentum": 0.99, "gamma": 2.0, "threshold": 0.7, "proj_dim": 256, "hidden_dim": 4096,
                 "instance": False, "instance_weight": 1.0}
+    bounds = {"gamma": (0.0, None), "threshold": (0.0, None)}
     recipe = "byol"
+    group = "dense contrastive"
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict):
         super().__init__(backbone, ctx, cfg)
         c5 = ctx.feature_channels[-1]
-        self.projector = MLP2d(c5, cfg["hidden_dim"], cfg["proj_dim"])
+        self.projector = conv_mlp(c5, cfg["hidden_dim"], cfg["proj_dim"], batch_norm=True)
         self.ppm = PixelPropagation(cfg["proj_dim"], cfg["gamma"])
-        self.target_backbone = make_target(self.backbone)
-        self.target_projector = make_target(self.projector)
+        self.add_targets("backbone", "projector")
         if cfg["instance"]:
-            self.instance_projector = MLP2d(c5, cfg["hidden_dim"], cfg["proj_dim"])
-            self.instance_predictor = MLP2d(cfg["proj_dim"], cfg["hidden_dim"], cfg["proj_dim"])
-            self.target_instance_projector = make_target(self.instance_projector)
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pairs = [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
-        if self.cfg["instance"]:
-            pairs.append((self.instance_projector, self.target_instance_projector))
-        return pairs
+            self.instance_projector = conv_mlp(c5, cfg["hidden_dim"], cfg["proj_dim"], batch_norm=True)
+            self.instance_predictor = conv_mlp(cfg["proj_dim"], cfg["hidden_dim"], cfg["proj_dim"], batch_norm=True)
+            self.add_targets("instance_projector")
 
     def positive_mask(self, views: Views, h: int, w: int, reverse: bool = False) -> Tensor:
-        """(B, hw, hw) positives M_ij, i in view 1 and j in view 2 (swapped when ``reverse``)."""
-        first, second = (views.box1, views.flip1), (views.box2, views.flip2)
+        """(B, hw, hw) positives M_ij, i in view 1 and j in view 2 (swapped when ``reverse``), on the
+        official x/(W − 1), y/(H − 1) coordinates of the crop boxes."""
+        if views.source_size is None:
+            raise BenchError("pixpro needs the source image size of the views (Views.source_size); build "
+                             "them with bench.augment.make_views")
+        height, width = views.source_size
+        first = (geometry.pixel_index_box(views.box1, height, width), views.flip1)
+        second = (geometry.pixel_index_box(views.box2, height, width), views.flip2)
         if reverse:
             first, second = second, first
-        return augment.positive_pairs(*first, *second, h, w, threshold=self.cfg["threshold"])
+        return geometry.positive_pairs(*first, *second, h, w, threshold=self.cfg["threshold"])
 
     def _online(self, x: Tensor) -> dict[str, Tensor]:
         features = self.backbone(x)[-1]

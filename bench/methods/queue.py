@@ -1,9 +1,10 @@
 """The negative-key queue shared by the queue-based methods (MoCo-v2, DenseCL, CP2, DiCoH).
 
 lightly 1.6's ``MemoryBankModule`` keeps a non-persistent buffer and truncates batches when K is
-not a multiple of B, so the queue is written here (DESIGN.md §12, common rules): a persistent
+not a multiple of B, so the queue is written here (docs/methods.md, "Common rules"): a persistent
 buffer of random unit vectors, FIFO, with the image id of each key so that keys of the current
-images can be excluded, and K capped at the pool size rounded down to a multiple of B.
+images can be excluded (``exclude_self``), and K capped at the pool size rounded down to a multiple
+of B. Also the shuffle-BN key forward and the cross-rank gather that every queue method shares.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import torch.nn.functional as F
 from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed
 from torch import Tensor, nn
 
+from bench import distributed as bench_distributed
+
 log = logging.getLogger(__name__)
+
+SHUFFLE_SPLITS = 2  # sub-batches of a key forward on one device (shuffle-BN emulation)
 
 
 def capped_queue_size(requested: int, pool_size: int, batch_size: int) -> int:
@@ -53,9 +58,12 @@ class KeyQueue(nn.Module):
         self.ids[positions] = ids.to(self.ids.device)
         self.ptr.copy_((self.ptr + n) % self.size)
 
-    def exclusion_mask(self, ids: Tensor) -> Tensor:
-        """(B, K) bool: True where the queued key comes from the same image as the query."""
-        return ids[:, None] == self.ids[None, :]
+    def exclusion_mask(self, ids: Tensor, exclude_self: bool = True) -> Tensor | None:
+        """(B, K) bool: True where the queued key comes from the same image as the query; None when
+        ``exclude_self`` is off (the official codes keep same-image keys among the negatives)."""
+        if not exclude_self:
+            return None
+        return ids.to(self.ids.device)[:, None] == self.ids[None, :]
 
 
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
@@ -76,11 +84,12 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
 # --- shuffle-BN and cross-rank gathering, shared by the key encoders ---------------------------------
 
 def ddp_active(distributed: bool) -> bool:
-    return distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a method built for DDP (``ctx.distributed``) runs in a process group of more than one rank."""
+    return distributed and bench_distributed.active()
 
 
 @torch.no_grad()
-def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, splits: int = 2,
+def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, splits: int = SHUFFLE_SPLITS,
                      distributed: bool = False) -> tuple[Tensor, ...]:
     """Shuffle-BN (MoCo §3.3): ``fn`` on a permuted batch, outputs returned in the original order.
 
@@ -97,6 +106,16 @@ def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, spli
     parts = [fn(chunk) for chunk in x[perm].chunk(splits)]
     inverse = torch.argsort(perm)
     return tuple(torch.cat(outs)[inverse] for outs in zip(*parts, strict=True))
+
+
+@torch.no_grad()
+def key_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, shuffle_bn: bool = True,
+                distributed: bool = False) -> tuple[Tensor, ...]:
+    """A key encoder ``fn`` on a batch, without gradient: with shuffle-BN (``shuffled_forward``) when
+    ``shuffle_bn``, else a plain forward."""
+    if not shuffle_bn:
+        return fn(x)
+    return shuffled_forward(fn, x, SHUFFLE_SPLITS, distributed)
 
 
 @torch.no_grad()

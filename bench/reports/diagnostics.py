@@ -1,14 +1,20 @@
-"""Feature diagnostics of pretrained backbones: the quantities of DiCoH's Tables 5–7 (DESIGN.md §10).
+"""Feature diagnostics: pure metrics on embeddings, their tables and t-SNE plots (docs/reports.md).
 
-For each backbone (pretrained methods and the ``scratch`` / ``imagenet`` baselines) and each dataset,
-the test images are embedded and summarised by:
+Analogues of the quantities of DiCoH's Tables 5–7 on another scale, not the paper's numbers: the paper
+measures the target branch's projections at the end of pretraining; here the embeddings are a pretrained
+backbone's last-stage map (``bench.diagnose`` embeds the test images; this module never runs a model), so
+values cannot be set beside the paper's. Per (backbone, dataset):
 
-- ``feature_variance``: per-dimension variance of L2-normalised pixel embeddings, averaged over the
-  dimensions (population variance). For unit vectors it equals (1 − ‖mean‖²)/D: 0 when every pixel
-  maps to the same direction (collapse), at most 1/D.
+- ``feature_variance``: per-dimension variance of L2-normalised pixel embeddings, averaged over the D
+  dimensions (population variance). For unit vectors it equals (1 − ‖mean‖²)/D: 0 when every pixel maps
+  to one direction (collapse), at most 1/D. ``feature_spread`` = D·variance = 1 − ‖mean‖², the same on
+  a scale free of D (0 collapse … 1).
 - ``positive_similarity``: mean cosine between the embeddings of the same source location in two
-  MoCo-v2 views (cell correspondence from the known crop geometry, ``bench.augment.nearest_cells``).
-- ``negative_similarity``: mean cosine between pixels of *different* images.
+  MoCo-v2 views (cell correspondence from the known crop geometry).
+- ``negative_similarity``: mean cosine between pixels of *different* images (pixel-to-pixel).
+- ``pixel_image_similarity``: mean cosine between a pixel and the global embedding of each *other*
+  image (the normalised average pool of its normalised pixel embeddings): DiCoH's pixel-to-image
+  negatives.
 - ``silhouette``: silhouette score (Rousseeuw 1987) of foreground vs background pixel embeddings,
   Euclidean distance between L2-normalised embeddings (the chord ‖a − b‖ = sqrt(2 − 2·cos), a true
   metric that orders pairs as cosine does), on a class-balanced pixel sample.
@@ -16,23 +22,14 @@ the test images are embedded and summarised by:
   embeddings) trained on the pixels of a random half of the images and tested on the other half,
   each half class-balanced by subsampling (chance = 0.5).
 - ``effective_rank``: RankMe (Garrido et al., ICML 2023, Eq. 1): exp of the entropy of the
-  L1-normalised singular values of the image-embedding matrix (global average pool of the last
-  stage), p_k = σ_k/‖σ‖₁ + ε, ε = 1e-7. It is bounded by min(#images, D).
-
-Pixel embeddings are the backbone's last-stage map, L2-normalised per location; a cell's label is the
-mask sampled at the cell centre (``bench.augment.mask_at_cells``). Pixels are sampled with a fixed seed
-and capped (``max_pixels``) so that the metrics take seconds on a CPU. Every method sees the same
-pixel sample and the same views of a dataset (one generator seeded per dataset), so the comparison is
-paired.
+  L1-normalised singular values of a matrix of pixel embeddings, p_k = σ_k/‖σ‖₁ + ε, ε = 1e-7. It is at
+  most min(samples, D), so it is computed on many pixel embeddings (all cells of the test images and of
+  their two views, up to a cap), and the sample count is reported beside it.
 
 Plots (sklearn ``TSNE``, matplotlib without pyplot): ``tsne_pixels.png`` (rows datasets, columns
 methods, pixels coloured background/foreground), ``tsne_images.png`` (one panel per method, image
 embeddings coloured by dataset) and, when both ``X`` and ``X+disp`` were diagnosed,
 ``tsne_dispersive.png`` (without / with the dispersive regulariser side by side).
-
-Example::
-
-    df = run_diagnostics(Path("reports/quick"), {"kvasir": data}, {"byol": backbone})
 """
 
 from __future__ import annotations
@@ -45,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from sklearn.decomposition import PCA
@@ -56,21 +52,26 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
-from torch import Tensor, nn
 
-from bench.augment import make_views, mask_at_cells, nearest_cells, to_input
-from bench.errors import BenchError
+from bench.reports.cd import wrap_label
+from bench.reports.tables import Cell, Table, to_latex, to_markdown
 
-METRICS = ("feature_variance", "positive_similarity", "negative_similarity", "silhouette",
-           "linear_separability", "effective_rank")
-HEADERS = {"feature_variance": "Var", "positive_similarity": "Pos. sim.", "negative_similarity": "Neg. sim.",
+METRICS = ("feature_variance", "feature_spread", "positive_similarity", "negative_similarity",
+           "pixel_image_similarity", "silhouette", "linear_separability", "effective_rank")
+HEADERS = {"feature_variance": "Var", "feature_spread": "Var·D", "positive_similarity": "Pos. sim.",
+           "negative_similarity": "Neg. sim. (px–px)", "pixel_image_similarity": "Neg. sim. (px–img)",
            "silhouette": "Silhouette", "linear_separability": "Lin. sep.", "effective_rank": "RankMe"}
-LEGEND = ("Var: per-dimension variance of L2-normalised pixel embeddings (0 = collapse, at most 1/D). "
-          "Pos. sim.: cosine of the same location in two augmented views. Neg. sim.: cosine of pixels of "
-          "different images. Silhouette: foreground vs background pixels (Euclidean on normalised "
-          "embeddings, −1…1). Lin. sep.: held-out linear-SVM accuracy fg vs bg (balanced, chance 0.5). "
-          "RankMe: effective rank of image embeddings (at most min(#images, D)).")
+LEGEND = ("Analogues of DiCoH's Tables 5–7 on another scale, computed on the backbone's last-stage features "
+          "(not the target branch's projections the paper measures): not comparable with the paper's values. "
+          "Var: per-dimension variance of L2-normalised pixel embeddings (0 = collapse, at most 1/D); Var·D: the "
+          "same without the 1/D scale (0 … 1). Pos. sim.: cosine of the same location in two augmented views. "
+          "Neg. sim. (px–px): cosine of pixels of different images; (px–img): cosine of a pixel with the global "
+          "embedding of another image. Silhouette: foreground vs background pixels (Euclidean on normalised "
+          "embeddings, −1…1). Lin. sep.: held-out linear-SVM accuracy fg vs bg (balanced, chance 0.5). RankMe: "
+          "effective rank of pixel embeddings, at most min(samples, D); rankme_samples and D are in the table, "
+          "and a RankMe with fewer samples than D measures the sample count, not the features.")
 RANKME_EPS = 1e-7
+RANKME_SAMPLES = 8192
 TSNE_POINTS = 400
 CLASS_NAMES = {0: "background", 1: "foreground"}
 CLASS_COLOURS = {0: "#4C72B0", 1: "#DD8452"}
@@ -79,19 +80,19 @@ DATASET_COLOURS = ("#55A868", "#8172B3", "#C44E52", "#937860", "#DA8BC3", "#8C8C
 
 # --- pure metrics ------------------------------------------------------------------------------------
 
-def _array(x: np.ndarray | Tensor) -> np.ndarray:
-    if isinstance(x, Tensor):
+def _array(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
 
 
-def l2_normalize(x: np.ndarray | Tensor, eps: float = 1e-12) -> np.ndarray:
+def l2_normalize(x, eps: float = 1e-12) -> np.ndarray:
     """Rows divided by their Euclidean norm (zero rows stay zero)."""
     x = _array(x)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-def feature_variance(pixel_emb: np.ndarray | Tensor) -> float:
+def feature_variance(pixel_emb) -> float:
     """Mean over dimensions of the (population) variance of the L2-normalised embeddings (N, D)."""
     z = l2_normalize(pixel_emb)
     if len(z) == 0:
@@ -99,7 +100,7 @@ def feature_variance(pixel_emb: np.ndarray | Tensor) -> float:
     return float(z.var(axis=0).mean())
 
 
-def positive_similarity(emb1: np.ndarray | Tensor, emb2: np.ndarray | Tensor) -> float:
+def positive_similarity(emb1, emb2) -> float:
     """Mean cosine of corresponding rows of (N, D) and (N, D): the same location seen in two views."""
     z1, z2 = l2_normalize(emb1), l2_normalize(emb2)
     if z1.shape != z2.shape:
@@ -109,8 +110,7 @@ def positive_similarity(emb1: np.ndarray | Tensor, emb2: np.ndarray | Tensor) ->
     return float((z1 * z2).sum(axis=1).mean())
 
 
-def negative_similarity(emb: np.ndarray | Tensor, image_index: np.ndarray, rng: np.random.Generator,
-                        cap: int = 2000) -> float:
+def negative_similarity(emb, image_index: np.ndarray, rng: np.random.Generator, cap: int = 2000) -> float:
     """Mean cosine over all pairs of pixels that come from different images.
 
     ``emb`` (N, D) pixel embeddings, ``image_index`` (N,) the image of each pixel. Above ``cap`` pixels a
@@ -126,8 +126,20 @@ def negative_similarity(emb: np.ndarray | Tensor, image_index: np.ndarray, rng: 
     return float((z @ z.T)[different].mean())
 
 
-def silhouette(emb: np.ndarray | Tensor, labels: np.ndarray, rng: np.random.Generator,
-               cap: int = 2000) -> float:
+def pixel_image_similarity(emb, image_index: np.ndarray, image_keys) -> float:
+    """Mean cosine between each pixel (N, D) and the global embedding (M, D) of every image but its own.
+
+    ``image_index`` (N,) holds each pixel's image as a row of ``image_keys``. NaN with fewer than 2 images.
+    """
+    z, keys, image_index = l2_normalize(emb), l2_normalize(image_keys), np.asarray(image_index)
+    if len(keys) < 2 or len(z) == 0:
+        return float("nan")
+    sims = z @ keys.T
+    other = np.arange(len(keys))[None, :] != image_index[:, None]
+    return float(sims[other].mean())
+
+
+def silhouette(emb, labels: np.ndarray, rng: np.random.Generator, cap: int = 2000) -> float:
     """Silhouette score of ``labels`` on L2-normalised embeddings, Euclidean (chord) distance.
 
     Above ``cap`` points a random subset (``rng``) is scored. NaN when fewer than two classes or
@@ -152,8 +164,8 @@ def _balanced(indices: np.ndarray, labels: np.ndarray, rng: np.random.Generator)
     return np.sort(np.concatenate(picked))
 
 
-def linear_separability(emb: np.ndarray | Tensor, labels: np.ndarray, image_index: np.ndarray,
-                        rng: np.random.Generator, C: float = 1.0) -> float:
+def linear_separability(emb, labels: np.ndarray, image_index: np.ndarray, rng: np.random.Generator,
+                        C: float = 1.0) -> float:
     """Held-out accuracy of a linear SVM separating the classes of pixel embeddings.
 
     The images are split at random (``rng``) into halves; ``LinearSVC`` (on standardised, L2-normalised
@@ -178,18 +190,18 @@ def linear_separability(emb: np.ndarray | Tensor, labels: np.ndarray, image_inde
     return float((clf.predict(z[test]) == labels[test]).mean())
 
 
-def effective_rank(image_emb: np.ndarray | Tensor, eps: float = RANKME_EPS) -> float:
+def effective_rank(emb, eps: float = RANKME_EPS) -> float:
     """RankMe (Garrido et al. 2023, Eq. 1) of an (N, D) embedding matrix: exp(−Σ p_k log p_k), with
     p_k = σ_k / ‖σ‖₁ + ε over its singular values σ. 1 for collapsed (rank-one) embeddings, D for
-    whitened ones; 0 for an all-zero matrix (no direction at all)."""
-    s = np.linalg.svd(_array(image_emb), compute_uv=False)
+    whitened ones, at most min(N, D); 0 for an all-zero matrix (no direction at all)."""
+    s = np.linalg.svd(_array(emb), compute_uv=False)
     if s.sum() <= 0:
         return 0.0
     p = s / s.sum() + eps
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-# --- embedding a dataset -----------------------------------------------------------------------------
+# --- the metrics of one embedded dataset ---------------------------------------------------------------
 
 @dataclass
 class Embeddings:
@@ -203,92 +215,31 @@ class Embeddings:
     view1: np.ndarray  # (V, D) cells of view 1 that have a valid partner ...
     view2: np.ndarray  # (V, D) ... and that partner in view 2
     images: np.ndarray  # (N, D) global average pool of the last stage (not normalised)
+    image_keys: np.ndarray  # (N, D) normalised average pool of the normalised cells (DiCoH's global embedding)
+    rank_pixels: np.ndarray  # (R, D) cells of the images and both views, for RankMe (not normalised)
 
 
-def _last_stage(backbone: nn.Module, x: Tensor) -> Tensor:
-    param = next(backbone.parameters(), None)
-    out = backbone(x if param is None else x.to(param.device))
-    return (out[-1] if isinstance(out, (list, tuple)) else out).float().cpu()
+def diagnostic_metrics(emb: Embeddings, rng: np.random.Generator, max_pixels: int = 2000) -> dict[str, float]:
+    """The diagnostics of one embedded dataset (see the module docstring)."""
+    dim = emb.pixels.shape[1] if emb.pixels.ndim == 2 else 0
+    variance = feature_variance(emb.pixels)
+    return {
+        "feature_variance": variance,
+        "feature_spread": variance * dim,
+        "positive_similarity": positive_similarity(emb.view1, emb.view2),
+        "negative_similarity": negative_similarity(emb.pixels, emb.pixel_image, rng, cap=max_pixels),
+        "pixel_image_similarity": pixel_image_similarity(emb.pixels, emb.pixel_image, emb.image_keys),
+        "silhouette": silhouette(emb.balanced, emb.balanced_labels, rng, cap=max_pixels),
+        "linear_separability": linear_separability(emb.balanced, emb.balanced_labels, emb.balanced_image, rng),
+        "effective_rank": effective_rank(emb.rank_pixels),
+    }
 
 
-def _flat(maps: Tensor) -> Tensor:
-    """(B, D, h, w) → (B, h·w, D) L2-normalised per location."""
-    return nn.functional.normalize(maps.flatten(2).transpose(1, 2), dim=-1)
-
-
-def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
-    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
-
+# --- t-SNE panels ------------------------------------------------------------------------------------
 
 def _sample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
 
-
-@torch.no_grad()
-def embed_dataset(backbone: nn.Module, images_uint8: Tensor, masks: Tensor, generator: torch.Generator,
-                  max_pixels: int = 2000, batch_size: int = 16) -> Embeddings:
-    """Embed a set of test images (N, 3, S, S) uint8 with masks (N, S, S) and two MoCo-v2 views of them."""
-    if images_uint8.ndim != 4 or masks.shape != (images_uint8.shape[0], *images_uint8.shape[2:]):
-        raise BenchError(f"diagnostics need images (N,3,S,S) and masks (N,S,S), got {tuple(images_uint8.shape)} "
-                         f"and {tuple(masks.shape)}; pass the dataset's test images and their masks")
-    rng = _numpy_rng(generator)
-    size = images_uint8.shape[-1]
-    was_training = backbone.training
-    backbone.eval()
-    cells, labels, pooled, view1, view2 = [], [], [], [], []
-    try:
-        for start in range(0, len(images_uint8), batch_size):
-            imgs = images_uint8[start:start + batch_size]
-            feats = _last_stage(backbone, to_input(imgs))
-            h, w = feats.shape[-2:]
-            cells.append(_flat(feats))
-            pooled.append(feats.mean(dim=(2, 3)))
-            mask = (masks[start:start + batch_size] > 0).float()[:, None]
-            labels.append(mask_at_cells(mask, h, w) > 0.5)
-            views = make_views(imgs, "mocov2", size, generator)
-            z1, z2 = _flat(_last_stage(backbone, views.x1)), _flat(_last_stage(backbone, views.x2))
-            index, valid = nearest_cells(views.box1, views.flip1, views.box2, views.flip2, h, w)
-            partner = torch.gather(z2, 1, index[..., None].expand(-1, -1, z2.shape[-1]))
-            view1.append(z1[valid])
-            view2.append(partner[valid])
-    finally:
-        backbone.train(was_training)
-    cells_t, labels_t = torch.cat(cells), torch.cat(labels)
-    image_of = torch.arange(len(cells_t))[:, None].expand(-1, cells_t.shape[1]).reshape(-1).numpy()
-    flat = cells_t.reshape(-1, cells_t.shape[-1]).numpy()
-    flat_labels = labels_t.reshape(-1).long().numpy()
-    uniform = _sample(len(flat), max_pixels, rng)
-    per_class = [np.flatnonzero(flat_labels == c) for c in (0, 1)]
-    n_class = min(len(i) for i in per_class)
-    balanced = np.sort(np.concatenate([i[_sample(len(i), min(n_class, max_pixels // 2), rng)]
-                                       for i in per_class]))
-    v1, v2 = torch.cat(view1).numpy(), torch.cat(view2).numpy()
-    pairs = _sample(len(v1), max_pixels, rng)
-    return Embeddings(pixels=flat[uniform], pixel_image=image_of[uniform], balanced=flat[balanced],
-                      balanced_labels=flat_labels[balanced], balanced_image=image_of[balanced],
-                      view1=v1[pairs], view2=v2[pairs], images=torch.cat(pooled).numpy())
-
-
-def diagnostic_metrics(emb: Embeddings, rng: np.random.Generator, max_pixels: int = 2000) -> dict[str, float]:
-    """The six diagnostics of one embedded dataset (see the module docstring)."""
-    return {
-        "feature_variance": feature_variance(emb.pixels),
-        "positive_similarity": positive_similarity(emb.view1, emb.view2),
-        "negative_similarity": negative_similarity(emb.pixels, emb.pixel_image, rng, cap=max_pixels),
-        "silhouette": silhouette(emb.balanced, emb.balanced_labels, rng, cap=max_pixels),
-        "linear_separability": linear_separability(emb.balanced, emb.balanced_labels, emb.balanced_image, rng),
-        "effective_rank": effective_rank(emb.images),
-    }
-
-
-def diagnose_backbone(backbone: nn.Module, images_uint8: Tensor, masks: Tensor, generator: torch.Generator,
-                      max_pixels: int = 2000) -> dict[str, float]:
-    """Diagnostics of one backbone on test images (N, 3, S, S) uint8 and masks (N, S, S); eval mode, no grad."""
-    emb = embed_dataset(backbone, images_uint8, masks, generator, max_pixels)
-    return diagnostic_metrics(emb, _numpy_rng(generator), max_pixels)
-
-
-# --- t-SNE panels ------------------------------------------------------------------------------------
 
 def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
     if x.shape[1] > 50 and len(x) > 50:  # PCA to 50 dimensions first (van der Maaten's recommendation)
@@ -297,19 +248,6 @@ def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
     tsne = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
     with threadpool_limits(1):  # Barnes-Hut's OpenMP threads beside torch's slow it down many times
         return tsne.fit_transform(x)
-
-
-def wrap_label(text: str, width: int = 22) -> str:
-    """Break a method label into lines of about ``width`` characters, only before ``+``/``[``/`` · `` or
-    after ``,`` (never inside a name or an override)."""
-    pieces = [p for p in re.split(r"(?=\+)|(?=\[)|(?<=,)|(?= · )", text) if p]
-    lines = [""]
-    for piece in pieces:
-        if lines[-1] and len(lines[-1]) + len(piece) > width:
-            lines.append(piece.lstrip())
-        else:
-            lines[-1] += piece
-    return "\n".join(lines)
 
 
 def _grid(keys: list[tuple[str, str]], max_cols: int) -> tuple[dict, int, int, bool]:
@@ -386,7 +324,7 @@ def dispersive_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-# --- tables ------------------------------------------------------------------------------------------
+# --- tables and files ----------------------------------------------------------------------------------
 
 def _fmt(value: float, metric: str) -> str:
     if not np.isfinite(value):
@@ -396,96 +334,50 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:.1f}" if metric == "effective_rank" else f"{value:.3f}"
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    lines = ["# Feature diagnostics", "", LEGEND, ""]
+def diagnostics_tables(df: pd.DataFrame) -> list[Table]:
+    """One table per dataset: a row per method, a column per diagnostic (the report's shared table model)."""
+    out = []
     for dataset, part in df.groupby("dataset", sort=False):
-        n_images = int(part["n_images"].iloc[0])
-        lines += [f"## {dataset} ({n_images} test images)", "",
-                  "| Method | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
-                  "|---|" + "---:|" * len(METRICS)]
-        for _, row in part.iterrows():
-            lines.append(f"| {row['method']} | " + " | ".join(_fmt(row[m], m) for m in METRICS) + " |")
-        lines.append("")
-    return "\n".join(lines)
+        first = part.iloc[0]
+        samples = part["rankme_samples"].astype(int).tolist() if "rankme_samples" in part else []
+        dim = int(first["n_dims"]) if "n_dims" in part else 0
+        capped = " RankMe is capped by the sample count here (fewer samples than D)." \
+            if samples and min(samples) < dim else ""
+        rows = [[Cell(str(r["method"]))] + [Cell(_fmt(r[m], m)) for m in METRICS] for _, r in part.iterrows()]
+        caption = (f"Feature diagnostics on {dataset}: {int(first['n_images'])} test images, D = {dim} feature "
+                   f"dimensions, RankMe over {min(samples, default=0)} pixel embeddings.{capped}")
+        out.append(Table(["Method", *(HEADERS[m] for m in METRICS)], rows, caption, f"tab:diagnostics-{dataset}"))
+    return out
 
 
-def _latex_escape(text: str) -> str:
-    return re.sub(r"([_%&#$])", r"\\\1", str(text))
+def write_diagnostics(out: Path, df: pd.DataFrame, pixel_panels: Mapping, image_sets: Mapping,
+                      dataset_names: list[str], methods: list[str], seed: int = 0,
+                      tsne_points: int = TSNE_POINTS) -> list[Path]:
+    """``diagnostics.csv|md|tex`` and the t-SNE plots of embedded datasets (see the module docstring).
 
-
-def _latex(df: pd.DataFrame) -> str:
-    out = ["% Feature diagnostics (DiCoH Tables 5-7); needs \\usepackage{booktabs}"]
-    for dataset, part in df.groupby("dataset", sort=False):
-        out += ["\\begin{table}[t]", "\\centering",
-                f"\\caption{{Feature diagnostics on {_latex_escape(dataset)} test images.}}",
-                "\\begin{tabular}{l" + "r" * len(METRICS) + "}", "\\toprule",
-                "Method & " + " & ".join(HEADERS[m] for m in METRICS) + " \\\\", "\\midrule"]
-        for _, row in part.iterrows():
-            cells = [_fmt(row[m], m).replace("–", "--") for m in METRICS]
-            out.append(f"{_latex_escape(row['method'])} & " + " & ".join(cells) + " \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
-    return "\n".join(out)
-
-
-# --- driver ------------------------------------------------------------------------------------------
-
-def _test_split(data, max_images: int | None, seed: int) -> tuple[Tensor, Tensor]:
-    test = np.asarray(data.test)
-    if len(test) == 0:
-        raise BenchError(f"dataset {data.name!r} has no test images to diagnose; check its split")
-    if max_images is not None and len(test) > max_images:
-        test = np.sort(np.random.default_rng(seed).choice(test, max_images, replace=False))
-    return torch.from_numpy(np.ascontiguousarray(data.images[test])), torch.from_numpy(
-        np.ascontiguousarray(data.masks[test]))
-
-
-def run_diagnostics(run_dir: Path, datasets: Mapping[str, object], backbones: Mapping[str, nn.Module],
-                    out_dir: Path | None = None, seed: int = 0, max_pixels: int = 2000,
-                    max_images: int | None = None, tsne_points: int = TSNE_POINTS) -> pd.DataFrame:
-    """Diagnose every backbone on the test images of every dataset; write tables and t-SNE plots.
-
-    ``datasets``: name → SegmentationData-like (``.name``, ``.images`` (N,3,S,S) uint8, ``.masks``
-    (N,S,S) uint8, ``.test`` indices); ``backbones``: method label → backbone (the baselines included).
-    Writes ``diagnostics.csv``, ``.md``, ``.tex``, ``tsne_pixels.png``, ``tsne_images.png`` (and
-    ``tsne_dispersive.png`` when a method was diagnosed with and without ``+disp``) into ``out_dir``
-    (default ``run_dir/diagnostics``). ``max_images`` caps the test images per dataset (seeded).
-    Returns one row per (method, dataset).
+    ``pixel_panels[(dataset, method)] = (balanced pixels, labels)``; ``image_sets[method] = (list of image
+    embedding arrays, list of dataset index arrays)``.
     """
-    if not backbones:
-        raise BenchError("no backbones to diagnose; pretrain first or name the baselines (scratch, imagenet)")
-    if not datasets:
-        raise BenchError("no datasets to diagnose; name at least one dataset with test images")
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "diagnostics"
     out.mkdir(parents=True, exist_ok=True)
-    rows, pixel_panels, image_sets = [], {}, {m: ([], []) for m in backbones}
-    for d_index, (d_name, data) in enumerate(datasets.items()):
-        images, masks = _test_split(data, max_images, seed)
-        for method, backbone in backbones.items():
-            generator = torch.Generator().manual_seed(seed + 1000 * d_index)  # same views for every method
-            emb = embed_dataset(backbone, images, masks, generator, max_pixels)
-            metrics = diagnostic_metrics(emb, _numpy_rng(generator), max_pixels)
-            rows.append({"method": method, "dataset": d_name, "n_images": len(images),
-                         "n_pixels": len(emb.pixels), "n_positive_pairs": len(emb.view1), **metrics})
-            pixel_panels[(d_name, method)] = (emb.balanced, emb.balanced_labels)
-            image_sets[method][0].append(emb.images)
-            image_sets[method][1].append(np.full(len(emb.images), d_index))
-    df = pd.DataFrame(rows)
     df.to_csv(out / "diagnostics.csv", index=False)
-    (out / "diagnostics.md").write_text(_markdown(df))
-    (out / "diagnostics.tex").write_text(_latex(df))
-    _write_plots(out, pixel_panels, image_sets, list(datasets), list(backbones), seed, tsne_points)
-    return df
+    tables = diagnostics_tables(df)
+    (out / "diagnostics.md").write_text("# Feature diagnostics\n\n" + LEGEND + "\n\n"
+                                        + "\n".join(to_markdown(t) for t in tables))
+    (out / "diagnostics.tex").write_text("% Feature diagnostics; needs \\usepackage{booktabs}\n"
+                                         + "\n".join(to_latex(t) for t in tables))
+    return [out / "diagnostics.csv", out / "diagnostics.md", out / "diagnostics.tex",
+            *_write_plots(out, pixel_panels, image_sets, dataset_names, methods, seed, tsne_points)]
 
 
-def _write_plots(out: Path, pixel_panels: dict, image_sets: dict, dataset_names: list[str],
-                 methods: list[str], seed: int, tsne_points: int) -> None:
+def _write_plots(out: Path, pixel_panels: Mapping, image_sets: Mapping, dataset_names: list[str],
+                 methods: list[str], seed: int, tsne_points: int) -> list[Path]:
     single = len(dataset_names) == 1
-    tsne_panels({("" if single else d, m): pixel_panels[(d, m)] for d in dataset_names for m in methods},
-                out / "tsne_pixels.png", CLASS_NAMES, CLASS_COLOURS, seed=seed, max_points=tsne_points,
-                title="t-SNE of test pixel embeddings" + (f" ({dataset_names[0]})" if single else ""))
-    tsne_panels({("", m): (np.concatenate(e), np.concatenate(lab)) for m, (e, lab) in image_sets.items()},
-                out / "tsne_images.png", dict(enumerate(dataset_names)), seed=seed, max_points=tsne_points,
-                title="t-SNE of test image embeddings, by dataset")
+    paths = [tsne_panels({("" if single else d, m): pixel_panels[(d, m)] for d in dataset_names for m in methods},
+                         out / "tsne_pixels.png", CLASS_NAMES, CLASS_COLOURS, seed=seed, max_points=tsne_points,
+                         title="t-SNE of test pixel embeddings" + (f" ({dataset_names[0]})" if single else "")),
+             tsne_panels({("", m): (np.concatenate(e), np.concatenate(lab)) for m, (e, lab) in image_sets.items()},
+                         out / "tsne_images.png", dict(enumerate(dataset_names)), seed=seed, max_points=tsne_points,
+                         title="t-SNE of test image embeddings, by dataset")]
     pairs = dispersive_pairs(methods)
     if pairs:
         panels = {}
@@ -496,5 +388,7 @@ def _write_plots(out: Path, pixel_panels: dict, image_sets: dict, dataset_names:
                 row = name if single else f"{name} · {d}"
                 panels[(row, "without +disp")] = pixel_panels[(d, base)]
                 panels[(row, "with +disp")] = pixel_panels[(d, disp)]
-        tsne_panels(panels, out / "tsne_dispersive.png", CLASS_NAMES, CLASS_COLOURS, seed=seed,
-                    max_points=tsne_points, title="t-SNE of test pixel embeddings: dispersive regulariser")
+        paths.append(tsne_panels(panels, out / "tsne_dispersive.png", CLASS_NAMES, CLASS_COLOURS, seed=seed,
+                                 max_points=tsne_points,
+                                 title="t-SNE of test pixel embeddings: dispersive regulariser"))
+    return paths

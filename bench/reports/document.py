@@ -17,7 +17,8 @@ padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:
 th,td{border-bottom:1px solid #ccc;padding:.25em .6em;text-align:center}td:first-child,th:first-child{
 text-align:left}thead th{border-bottom:2px solid #444}caption{caption-side:bottom;font-size:.85em;color:#555;
 text-align:left;padding-top:.4em}pre{background:#f5f5f5;padding:.8em;overflow-x:auto;font-size:.85em}
-img{max-width:100%;display:block;margin:.5em 0 1.5em}ul.notes{font-size:.85em;color:#555}"""
+img{max-width:100%;display:block;margin:.5em 0 .3em}figure{margin:0 0 1.5em}figcaption{font-size:.85em;
+color:#555}ul.notes{font-size:.85em;color:#555}"""
 
 
 @dataclass
@@ -41,8 +42,9 @@ class Document:
     def table(self, table: Table) -> None:
         self.blocks.append(("table", table))
 
-    def image(self, path: Path, alt: str) -> None:
-        self.blocks.append(("image", (Path(path), alt)))
+    def image(self, path: Path, alt: str, caption: str = "") -> None:
+        """A PNG figure; ``caption`` is printed under it (captions are never baked into the image)."""
+        self.blocks.append(("image", (Path(path), alt, caption)))
 
     def markdown(self, base: Path) -> str:
         """Markdown with figures linked relative to ``base`` (the folder report.md lives in)."""
@@ -61,6 +63,8 @@ class Document:
             elif kind == "image":
                 rel = Path(os.path.relpath(value[0], base)).as_posix()
                 out += [f"![{md_escape(value[1])}]({rel})", ""]
+                if value[2]:
+                    out += [f"*{md_escape(value[2])}*", ""]
         return "\n".join(out).rstrip() + "\n"
 
     def html(self) -> str:
@@ -79,7 +83,9 @@ class Document:
                 out.append(to_html(value))
             elif kind == "image":
                 data = base64.b64encode(value[0].read_bytes()).decode("ascii")
-                out.append(f'<img alt="{html.escape(value[1])}" src="data:image/png;base64,{data}">')
+                caption = f"<figcaption>{html.escape(value[2])}</figcaption>" if value[2] else ""
+                out.append(f'<figure><img alt="{html.escape(value[1])}" src="data:image/png;base64,{data}">'
+                           f"{caption}</figure>")
         body = "\n".join(out)
         return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(self.title)}"
                 f"</title><style>{CSS}</style></head><body>\n{body}\n</body></html>\n")

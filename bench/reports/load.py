@@ -2,8 +2,15 @@
 
 A run folder ``<out>/`` holds ``results.csv`` (one row per finetune cell: ``method, dataset, fraction,
 seed, status, error``, metrics, costs), ``run.json`` (spec, versions, hardware, missing cells, notes)
-and optionally ``diagnostics/`` and ``speed.json``. A plain CSV has ``method``, ``dataset`` and one or
-more numeric metric columns; ``fraction`` and ``seed`` are optional (e.g. Demšar 2006, Table 6).
+and optionally ``diagnostics/``, ``predictions/`` and ``speed.json``. A plain CSV has ``method``,
+``dataset`` and one or more numeric metric columns; ``fraction`` and ``seed`` are optional (e.g. Demšar
+2006, Table 6).
+
+Optional columns, read when present and never required (docs/reports.md lists them):
+``test_set`` and ``seen`` (one row per test set of a train-on-some, test-on-others protocol: each test
+set is one block, labelled "<test set> (seen|unseen)"), ``reference`` ("upper" marks a reference method
+kept out of the ranks), ``protocol_version``, ``eval``, ``freeze``, ``n_test`` and ``n_test_empty_gt``
+(shown in the report header).
 
 Reports never import training code: everything here works from the table alone.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +30,13 @@ from bench.errors import BenchError
 
 KEY_COLUMNS = ("method", "dataset", "fraction", "seed")
 NON_METRIC_COLUMNS = {"cell_id", "method", "dataset", "fraction", "seed", "status", "error",
-                      "precision_mode", "device"}
-LOWER_IS_BETTER_NAMES = {"hd95", "hd", "hausdorff", "assd", "asd", "mae", "rmse", "mse"}
-LOWER_IS_BETTER_PARTS = ("loss", "error", "hd95", "hausdorff", "time", "seconds")
+                      "precision_mode", "device", "test_set", "seen", "train_set", "reference",
+                      "protocol_version", "eval", "freeze", "n_test", "n_test_empty_gt"}
+# name parts (split at _ - . and spaces) of lower-is-better metrics: distances, errors, losses, times
+DISTANCE_PARTS = {"hd", "hd95", "hd100", "hausdorff", "assd", "asd", "msd", "masd", "distance", "dist", "mae",
+                  "mse", "rmse", "nrmse", "error", "err", "loss", "nll", "fpr", "fnr"}
+UNIT_PARTS = {"mm", "px", "pix", "pixels", "voxels", "cm", "um", "s", "sec", "seconds", "ms", "min", "time"}
+RATE_PARTS = ("per_s", "per_sec", "/s")
 
 
 @dataclass
@@ -38,12 +50,31 @@ class Source:
     strict: bool = True  # plain CSV without status: every (method, dataset, fraction) must be present
 
 
+def metric_direction(metric: str) -> tuple[bool, str]:
+    """(lower is better, why): distances, errors, losses and times are lower-is-better, the rest higher.
+
+    Recognised by the parts of the name: ``hd95``, ``assd_mm``, ``asd_px``, ``rmse_px``, ``val_loss``,
+    ``error_rate``, ``finetune_s`` are lower-is-better (a distance or time unit such as ``_mm``, ``_px``,
+    ``_s`` counts); throughputs (``*_per_s``) and everything else (``miou``, ``dice``, ``auc``) higher.
+    """
+    name = metric.lower().strip()
+    if any(r in name for r in RATE_PARTS):
+        return False, "a rate per second"
+    parts = [p for p in re.split(r"[_\-.\s]+", name) if p]
+    hit = next((p for p in parts if p in DISTANCE_PARTS or re.fullmatch(r"(hd|assd|asd)\d*", p)), None)
+    if hit:
+        return True, f"'{hit}' names a distance, error or loss"
+    unit = next((p for p in parts[1:] if p in UNIT_PARTS), None)
+    if unit:
+        return True, f"'{unit}' is a distance or time unit"
+    if "hausdorff" in name or "distance" in name or "loss" in name or "error" in name:
+        return True, "its name holds a distance, error or loss"
+    return False, "not a known distance, error, loss or time"
+
+
 def lower_is_better(metric: str) -> bool:
-    """Known lower-is-better metrics: ``hd95`` and other distances, ``*loss*``, ``*error*``, times."""
-    name = metric.lower()
-    if "per_s" in name or "per_sec" in name:  # throughput (images/s): higher is better
-        return False
-    return name in LOWER_IS_BETTER_NAMES or any(p in name for p in LOWER_IS_BETTER_PARTS) or name.endswith("_s")
+    """Known lower-is-better metrics (see ``metric_direction``)."""
+    return metric_direction(metric)[0]
 
 
 def numeric_columns(frame: pd.DataFrame) -> list[str]:
@@ -125,6 +156,7 @@ def _validate(frame: pd.DataFrame, metric: str, path: Path, strict: bool) -> pd.
             row = int(frame.index[frame[col].isna()][0]) + 2
             raise BenchError(f"{path} line {row}: empty '{col}': every row needs a method and a dataset")
         frame[col] = frame[col].astype(str).str.strip()
+    frame = _test_set_blocks(frame, path)
     frame["status"] = _status(frame, path)
     frame["error"] = frame["error"].astype(object).fillna("").astype(str) if "error" in frame.columns else ""
     frame["fraction"] = _numeric(frame, "fraction", path, default=np.nan)
@@ -140,6 +172,63 @@ def _validate(frame: pd.DataFrame, metric: str, path: Path, strict: bool) -> pd.
     if strict:
         _check_complete(frame, path)
     return frame
+
+
+def _test_set_blocks(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """One block per test set: ``dataset`` becomes "<test set> (seen)" / "(unseen)"; the training data's
+    label is ``train_set`` (given, or the old ``dataset``) and prefixes the block when several pools are present."""
+    if "test_set" not in frame.columns or frame["test_set"].isna().all():
+        return frame
+    has = frame["test_set"].notna() & (frame["test_set"].astype(str).str.strip() != "")
+    seen = _seen(frame, path) if "seen" in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+    given = frame["train_set"] if "train_set" in frame.columns else pd.Series(np.nan, index=frame.index)
+    frame["train_set"] = given.where(given.notna() & (given.astype(str).str.strip() != ""), frame["dataset"])
+    pools = frame.loc[has, "train_set"].unique()
+    for i in frame.index[has]:
+        label = str(frame.at[i, "test_set"]).strip()
+        if len(pools) > 1:
+            label = f"{frame.at[i, 'train_set']} → {label}"
+        if seen[i] is not None:
+            label += " (seen)" if seen[i] else " (unseen)"
+        frame.at[i, "dataset"] = label
+    return frame
+
+
+def _seen(frame: pd.DataFrame, path: Path) -> pd.Series:
+    words = {"true": True, "1": True, "yes": True, "seen": True, "1.0": True,
+             "false": False, "0": False, "no": False, "unseen": False, "0.0": False}
+    out = {}
+    for i, v in frame["seen"].items():
+        if pd.isna(v) or str(v).strip() == "":
+            out[i] = None
+            continue
+        key = str(v).strip().lower()
+        if key not in words:
+            raise BenchError(f"{path} line {int(i) + 2}: seen {v!r} is not true/false")
+        out[i] = words[key]
+    return pd.Series(out, dtype=object)
+
+
+def reference_methods(frame: pd.DataFrame, names: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """Reference methods → their kind: the ``reference`` column ("upper", "lower", ...) and ``names``
+    given by the user (kind "upper" unless the column says otherwise). Unknown names raise."""
+    out: dict[str, str] = {}
+    if "reference" in frame.columns:
+        for method, kind in frame[["method", "reference"]].itertuples(index=False, name=None):
+            if pd.notna(kind) and str(kind).strip() and str(kind).strip().lower() not in ("none", "false", "0"):
+                out.setdefault(method, str(kind).strip().lower())
+    known = set(frame["method"])
+    for name in names:
+        if name not in known:
+            raise BenchError(f"--reference {name}: no such method in the results (methods: "
+                             f"{', '.join(dict.fromkeys(frame['method']))})")
+        out.setdefault(name, "upper")
+    return out
+
+
+def reference_label(method: str, kind: str) -> str:
+    """The name shown in tables and figures: ``supervised (upper reference)``."""
+    return f"{method} ({kind} reference)"
 
 
 def _status(frame: pd.DataFrame, path: Path) -> pd.Series:

@@ -1,28 +1,34 @@
-"""Figures of a report: average ranks, label efficiency, per-dataset bars (Agg canvas, no pyplot).
+"""Figures of a report: average ranks, label efficiency, the seeds of each dataset (seaborn, no pyplot).
 
-- ``rank_chart.png``: average rank of each method (DiCoH's ranking), one bar per label fraction.
-- ``label_efficiency.png``: metric vs label fraction per method, mean ± std over seeds, one panel
-  per dataset plus the mean over the datasets every method has.
-- ``bars_<dataset>.png``: seed-averaged metric per method and fraction, error bars = std over seeds,
-  the individual seeds as dots.
+Each function draws one figure at a given width (inches) and returns it; ``bench.reports.figures``
+saves it as PDF, SVG and PNG at one- and two-column widths. Captions are the report's, not the image's.
+
+- ``rank_chart``: average rank of each method (DiCoH's ranking), a dot per label fraction, on the
+  axis 1 … k (1 = best).
+- ``label_efficiency``: metric vs label fraction on a log axis with the fractions as ticks, mean ± std
+  over seeds, one panel per dataset plus the mean over the datasets every method has (one column wide:
+  the mean panel alone when there are more than two panels).
+- ``dataset_strip``: every seed of every method as a dot and the seed mean as a bar, on an axis zoomed
+  to the data (not from 0), with the metric's direction in the axis label.
+Reference methods are drawn dashed (label efficiency) and keep their marked names.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
-from bench.reports.ranks import RankTable, at_fraction, fraction_label, fractions, ordered
-from bench.reports.tables import decimals, pretty_metric
+from bench.reports.figures import FONT, new_figure
+from bench.reports.ranks import RankTable, fraction_label, fractions, ordered
+from bench.reports.tables import pretty_metric
 
-FONT = 10
 MARKERS = "osD^v<>pPX*h"
 
 
@@ -36,49 +42,50 @@ def colours(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
+def direction_label(metric: str, higher_is_better: bool) -> str:
+    """``mIoU (higher is better →)`` / ``HD95 (← lower is better)``: the axis label of a metric."""
+    name = pretty_metric(metric)
+    return f"{name} (higher is better →)" if higher_is_better else f"{name} (← lower is better)"
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.1)
-    return path
-
-
-def rank_chart(tables: list[RankTable], path: Path) -> Path:
-    """Horizontal bars: average rank per method (best at the top), one bar per fraction."""
-    methods = tables[0].methods
-    mean_rank = pd.concat([t.avg_rank for t in tables], axis=1).mean(axis=1)
+def rank_chart(tables: list[RankTable], width: float) -> Figure:
+    """Dots: average rank per method (best at the top), one dot per fraction, axis 1 … k (1 = best)."""
+    methods = [m for m in tables[0].methods if m not in tables[0].unranked]
+    mean_rank = pd.concat([t.avg_rank for t in tables], axis=1).reindex(methods).mean(axis=1)
     order = sorted(methods, key=lambda m: (math.isnan(mean_rank[m]), mean_rank[m]))
     nf = len(tables)
-    height = 0.8 / nf
-    fig = _figure(7.0, 1.2 + len(methods) * max(0.35, 0.22 * nf))
+    fig = new_figure(width, 0.55 + 0.17 * len(order) + (0.25 if nf > 1 else 0.0))
     ax = fig.add_subplot()
     cols = colours(nf)
     y = np.arange(len(order))
     for i, t in enumerate(tables):
         vals = t.avg_rank.reindex(order).to_numpy(dtype=float)
-        pos = y - 0.4 + height * (i + 0.5)
-        ax.barh(pos, np.nan_to_num(vals), height=height * 0.9, color=cols[i],
-                label=f"fraction {fraction_label(t.fraction)}")
-        for p, v in zip(pos, vals, strict=True):
-            ax.text((0 if math.isnan(v) else v) + 0.05, p, "–" if math.isnan(v) else f"{v:.2f}", va="center",
-                    fontsize=FONT - 2)
-    ax.set_yticks(y, order, fontsize=FONT)
+        offset = (i - (nf - 1) / 2) * min(0.18, 0.7 / nf)
+        ax.plot(vals, y + offset, ls="none", marker=MARKERS[i % len(MARKERS)], color=cols[i], ms=4,
+                label=fraction_label(t.fraction))
+    ax.set_yticks(y, order)
     ax.invert_yaxis()
-    ax.set_xlim(0, len(methods) + 0.8)
-    ax.set_xlabel("average rank (lower is better)", fontsize=FONT)
-    ax.set_title(f"Average rank of {pretty_metric(tables[0].metric)} over datasets", fontsize=FONT + 1)
-    if nf > 1 or fraction_label(tables[0].fraction) != "all":
-        ax.legend(fontsize=FONT - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    k = len(methods)
+    ax.set_xlim(0.8, max(k, 2) + 0.2)
+    ax.set_xticks(range(1, max(k, 2) + 1))
+    ax.set_xlabel("average rank over datasets (1 = best)")
+    ax.grid(axis="x", alpha=0.3, lw=0.5)
+    if nf > 1:
+        _legend(fig, *ax.get_legend_handles_labels(), width, "label fraction")
+    return fig
 
 
-def label_efficiency(frame: pd.DataFrame, metric: str, path: Path) -> Path | None:
-    """Metric vs label fraction, mean ± std over seeds; None when the table has < 2 fractions."""
+def _legend(fig: Figure, handles: list, labels: list[str], width: float, title: str | None = None,
+            per_row: int | None = None) -> None:
+    """One legend for the figure, below the axes (constrained layout makes room for it)."""
+    per_row = per_row or (6 if width > 5 else 3)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(per_row, len(labels)), frameon=False,
+               title=title, handletextpad=0.3, columnspacing=1.0)
+
+
+def label_efficiency(frame: pd.DataFrame, metric: str, width: float, higher_is_better: bool = True,
+                     references: set[str] | frozenset[str] = frozenset()) -> Figure | None:
+    """Metric vs label fraction (log axis), mean ± std over seeds; None with fewer than 2 fractions."""
     fr = [f for f in fractions(frame) if not math.isnan(f)]
     if len(fr) < 2:
         return None
@@ -87,35 +94,40 @@ def label_efficiency(frame: pd.DataFrame, metric: str, path: Path) -> Path | Non
     panels = [(d, ok[ok["dataset"] == d]) for d in datasets]
     if len(datasets) > 1:
         panels.append(("mean over datasets", _dataset_average(ok, metric, datasets)))
-    ncols = min(3, len(panels))
+    if width < 5 and len(panels) > 2:  # one column holds one readable panel: the average over datasets
+        panels = panels[-1:]
+    ncols = min(3 if width > 5 else 2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(4.2 * ncols, 3.2 * nrows)
+    panel_w = width / ncols
+    fig = new_figure(width, nrows * panel_w * 0.78 + 0.25 + 0.14 * math.ceil(len(methods) / 3))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     cols = colours(len(methods))
-    for i, (title, sub) in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for i, (ax, (title, sub)) in enumerate(zip(axes.flat, panels, strict=False)):
         stats = sub.groupby(["method", "fraction"])[metric].agg(["mean", "std"])
         for j, m in enumerate(methods):
             if m not in stats.index.get_level_values(0):
                 continue
             s = stats.loc[m].sort_index()
             ax.errorbar(s.index, s["mean"], yerr=s["std"].fillna(0.0), color=cols[j], marker=MARKERS[j % 12],
-                        ms=4, lw=1.2, capsize=2, label=m)
-        ax.set_title(title, fontsize=FONT)
-        ax.set_xticks(fr, [fraction_label(f) for f in fr], fontsize=FONT - 1)
-        ax.set_xlabel("label fraction", fontsize=FONT - 1)
-        ax.set_ylabel(pretty_metric(metric) + " (mean ± std over seeds)", fontsize=FONT - 1)
-        ax.grid(alpha=0.3)
+                        ms=3, lw=1.0, capsize=1.5, elinewidth=0.6, ls="--" if m in references else "-", label=m)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(fr, [fraction_label(f) for f in fr])
+        # upright tick labels when the closest two fractions sit nearer than a label is wide (≈ 0.09 in a digit)
+        gap = min(np.diff(np.log10(fr))) / (np.log10(fr[-1]) - np.log10(fr[0])) * panel_w * 0.7
+        widest = max(len(fraction_label(f)) for f in fr)
+        ax.tick_params(axis="x", labelrotation=90 if gap < 0.09 * widest + 0.03 else 0)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, lw=0.5)
+        if i + ncols >= len(panels):  # the lowest panel of its column
+            ax.set_xlabel("label fraction (log)")
+    fig.supylabel(direction_label(metric, higher_is_better) + "\nmean ± std over seeds", fontsize=FONT)
     handles = {lab: h for a in fig.axes for h, lab in zip(*a.get_legend_handles_labels(), strict=True)}
-    handles = {m: handles[m] for m in methods if m in handles}
-    fig.tight_layout()
-    if len(panels) < nrows * ncols:  # an empty slot: the legend goes there
-        slot = fig.add_subplot(nrows, ncols, len(panels) + 1)
-        slot.axis("off")
-        slot.legend(handles.values(), handles.keys(), loc="center", fontsize=FONT - 1, frameon=False)
-    else:
-        fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=min(3, len(handles)), fontsize=FONT - 1, frameon=False)
-    return _save(fig, path)
+    _legend(fig, [handles[m] for m in methods if m in handles], [m for m in methods if m in handles], width,
+            per_row=3 if width > 5 else 2)
+    return fig
 
 
 def _dataset_average(ok: pd.DataFrame, metric: str, datasets: list[str]) -> pd.DataFrame:
@@ -125,39 +137,41 @@ def _dataset_average(ok: pd.DataFrame, metric: str, datasets: list[str]) -> pd.D
     return g["mean"].rename(metric).reset_index()
 
 
-def dataset_bars(frame: pd.DataFrame, metric: str, dataset: str, path: Path) -> Path:
-    """Seed-averaged metric per method (rows) and fraction (bars), std error bars, seeds as dots."""
-    ok = frame[(frame["status"] == "ok") & (frame["dataset"] == dataset)]
+def dataset_strip(frame: pd.DataFrame, metric: str, dataset: str, width: float,
+                  higher_is_better: bool = True) -> Figure:
+    """Every seed as a dot and the seed mean as a vertical bar, per method (rows) and fraction (colour),
+    on an axis zoomed to the values; the direction of the metric in the axis label."""
     methods = ordered(frame["method"])
+    ok = frame[(frame["status"] == "ok") & (frame["dataset"] == dataset)].copy()
     fr = fractions(frame)
+    labels = [fraction_label(f) for f in fr]
+    ok["fraction_label"] = [fraction_label(f) for f in ok["fraction"]]
     nf = len(fr)
-    height = 0.8 / nf
-    fig = _figure(7.0, 1.2 + len(methods) * max(0.35, 0.22 * nf))
+    fig = new_figure(width, 0.6 + len(methods) * (0.16 + 0.06 * (nf - 1)) + (0.2 if nf > 1 else 0.0))
     ax = fig.add_subplot()
-    cols = colours(nf)
-    y = np.arange(len(methods))
-    digits = decimals(ok[metric].to_numpy()) if len(ok) else 3
-    for i, f in enumerate(fr):
-        sub = at_fraction(ok, f)
-        g = sub.groupby("method")[metric].agg(["mean", "std"]).reindex(methods)
-        pos = y - 0.4 + height * (i + 0.5)
-        ax.barh(pos, g["mean"].fillna(0.0), height=height * 0.9, xerr=g["std"].fillna(0.0), color=cols[i],
-                alpha=0.85, capsize=2, error_kw={"lw": 0.8}, label=f"fraction {fraction_label(f)}")
-        for p, m in zip(pos, methods, strict=True):
-            seeds = sub.loc[sub["method"] == m, metric].to_numpy()
-            ax.plot(seeds, np.full(len(seeds), p), "o", ms=2.5, color="black", alpha=0.6)
-            if not len(seeds):
-                ax.text(0, p, " no result", va="center", fontsize=FONT - 2, color="0.4")
-            else:
-                top = np.nanmax(seeds) if len(seeds) > 1 else seeds[0]
-                ax.text(max(top, g.at[m, "mean"] + np.nan_to_num(g.at[m, "std"])), p,
-                        f"  {g.at[m, 'mean']:.{digits}f}", va="center", fontsize=FONT - 2)
-    ax.set_yticks(y, methods, fontsize=FONT)
-    ax.invert_yaxis()
-    ax.set_xlabel(pretty_metric(metric) + " (mean ± std over seeds; dots: seeds)", fontsize=FONT)
-    ax.set_xlim(right=ax.get_xlim()[1] * 1.12)
-    ax.set_title(dataset, fontsize=FONT + 1)
-    if nf > 1 or not math.isnan(fr[0]):
-        ax.legend(fontsize=FONT - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    palette = dict(zip(labels, colours(nf), strict=True))
+    if len(ok):
+        sns.stripplot(data=ok, x=metric, y="method", hue="fraction_label", order=methods, hue_order=labels,
+                      dodge=nf > 1, jitter=False, size=3.2, alpha=0.75, palette=palette, linewidth=0,
+                      legend=nf > 1, ax=ax)
+    means = ok.groupby(["method", "fraction_label"])[metric].mean()
+    band = 0.8 / nf if nf > 1 else 0.0
+    for i, m in enumerate(methods):
+        for j, lab in enumerate(labels):
+            if (m, lab) in means.index:
+                y = i + (j - (nf - 1) / 2) * band
+                ax.plot([means[(m, lab)]] * 2, [y - 0.28 / nf, y + 0.28 / nf], color="black", lw=1.2)
+        if m not in set(ok["method"]):
+            ax.text(0.01, i, "no result", transform=ax.get_yaxis_transform(), va="center",
+                    fontsize=FONT - 1, color="0.4")
+    ax.set_yticks(range(len(methods)), methods)
+    ax.set_ylim(len(methods) - 0.5, -0.5)
+    ax.set_ylabel("")
+    ax.set_xlabel(direction_label(metric, higher_is_better))
+    ax.grid(axis="x", alpha=0.3, lw=0.5)
+    if ax.get_legend() is not None:
+        handles, names = ax.get_legend_handles_labels()
+        ax.get_legend().remove()
+        _legend(fig, handles, names, width, "label fraction")
+    return fig
+

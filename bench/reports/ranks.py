@@ -4,13 +4,14 @@ For each label fraction: the metric is averaged over seeds first (seeds are repe
 sets), the methods are ranked on each dataset (rank 1 = best; ties get the average of the ranks
 they span, ``scipy.stats.rankdata(method="average")``), and the ranks are averaged over datasets:
 R_j = (1/N) Σ_i r_i^j. Only datasets on which every method has a result are ranked; the others are
-listed, never silently dropped.
+listed, never silently dropped. Reference methods (``unranked``) keep their rows and values but take
+no rank and do not decide which datasets are complete.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -81,6 +82,7 @@ class RankTable:
     excluded_datasets: dict[str, list[str]]  # dataset → methods without a result there
     excluded_methods: list[str]  # methods without any result at this fraction
     ranked_datasets: list[str]  # the datasets on which every (remaining) method has a result
+    unranked: list[str] = field(default_factory=list)  # reference methods shown without a rank
 
     @property
     def methods(self) -> list[str]:
@@ -103,12 +105,15 @@ def seed_stats(frame: pd.DataFrame, metric: str, methods: list[str], datasets: l
 
 
 def rank_table(frame: pd.DataFrame, metric: str, fraction: float, higher_is_better: bool,
-               methods: list[str] | None = None, datasets: list[str] | None = None) -> RankTable:
-    """Ranks of the seed-averaged ``metric`` at one ``fraction`` (rows ``methods``, columns ``datasets``)."""
+               methods: list[str] | None = None, datasets: list[str] | None = None,
+               unranked: list[str] | tuple[str, ...] = ()) -> RankTable:
+    """Ranks of the seed-averaged ``metric`` at one ``fraction`` (rows ``methods``, columns ``datasets``);
+    the ``unranked`` methods (references) are listed after the others, with values but without ranks."""
     methods = methods or ordered(frame["method"])
+    methods = [m for m in methods if m not in unranked] + [m for m in methods if m in unranked]
     datasets = datasets or ordered(frame["dataset"])
     mean, std, count = seed_stats(at_fraction(frame, fraction), metric, methods, datasets)
-    complete, excluded, no_result = complete_blocks(mean.T)
+    complete, excluded, no_result = complete_blocks(mean.T.drop(columns=list(unranked)))
     ranks = pd.DataFrame(np.nan, index=methods, columns=datasets)
     if len(complete):
         ranked = rank_rows(complete.to_numpy(), higher_is_better)
@@ -117,14 +122,17 @@ def rank_table(frame: pd.DataFrame, metric: str, fraction: float, higher_is_bett
     avg_rank = ranks[used].mean(axis=1) if used else pd.Series(np.nan, index=methods)
     avg_metric = mean[used].mean(axis=1) if used else pd.Series(np.nan, index=methods)
     avg_metric[no_result] = np.nan
+    if used:  # a reference's average counts only when it has every ranked dataset
+        avg_metric[[m for m in unranked if mean.loc[m, used].isna().any()]] = np.nan
     return RankTable(fraction, metric, higher_is_better, mean, std, count, ranks, avg_rank, avg_metric,
-                     excluded, no_result, used)
+                     excluded, no_result, used, [m for m in methods if m in unranked])
 
 
-def rank_tables(frame: pd.DataFrame, metric: str, higher_is_better: bool) -> list[RankTable]:
+def rank_tables(frame: pd.DataFrame, metric: str, higher_is_better: bool,
+                unranked: list[str] | tuple[str, ...] = ()) -> list[RankTable]:
     """One rank table per label fraction, all with the same method and dataset order."""
     methods, datasets = ordered(frame["method"]), ordered(frame["dataset"])
-    return [rank_table(frame, metric, f, higher_is_better, methods, datasets) for f in fractions(frame)]
+    return [rank_table(frame, metric, f, higher_is_better, methods, datasets, unranked) for f in fractions(frame)]
 
 
 def ranks_frame(tables: list[RankTable]) -> pd.DataFrame:

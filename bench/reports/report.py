@@ -1,84 +1,83 @@
 """``bench report``: from a results table to ranks, statistics, figures, ``report.md`` and ``report.html``.
 
 Works from the table alone — a run folder (``results.csv`` + ``run.json``, optionally
-``diagnostics/`` and ``speed.json``) or a plain long-format CSV of published numbers — and never
-imports training code. Writes into ``<run>/report/`` (or ``<csv stem>_report/`` beside a CSV):
-``ranks.csv|md|tex``, ``stats.json``, ``cd_<fraction>.pdf|png``, ``rank_chart.png``,
-``label_efficiency.png``, ``bars_<dataset>.png``, ``report.md``, ``report.html``.
+``diagnostics/``, ``predictions/`` and ``speed.json``) or a plain long-format CSV of published numbers —
+and never imports training code (docs/reports.md). Writes into ``<run>/report/`` (or
+``<csv stem>_report/`` beside a CSV): ``ranks.csv|md|tex``, ``stats.json``, ``mde.csv``,
+``cd_<fraction>``, ``rank_chart``, ``label_efficiency``, ``strip_<dataset>`` and ``predictions_<dataset>``
+figures (each as ``.pdf|.svg|.png``, two-column and ``_1col`` widths), ``figures.tex``, ``report.md``,
+``report.html``.
 """
 
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import product
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError
 from bench.reports import cd as cd_diagram
 from bench.reports import plots
+from bench.reports import sections as sec
+from bench.reports.design import POWER, design_statement, mde_table
 from bench.reports.document import Document
-from bench.reports.load import Source, load_source
-from bench.reports.load import lower_is_better as known_lower_is_better
-from bench.reports.ranks import RankTable, fraction_label, rank_tables, ranks_frame
-from bench.reports.stats import (
-    BLOCKS,
-    CLIQUE_TESTS,
-    ZERO_METHOD,
-    Analysis,
-    json_safe,
-    run_analyses,
-    stats_document,
-)
-from bench.reports.tables import (
-    DASH,
-    Cell,
-    Table,
-    frame_table,
-    pretty_metric,
-    rank_table_model,
-    ranks_latex,
-    ranks_markdown,
-)
+from bench.reports.figures import FORMATS, FigureFiles, figures_latex, render
+from bench.reports.load import Source, load_source, metric_direction, reference_label, reference_methods
+from bench.reports.predictions import choose_images, mask_iou, predictions_figure, read_predictions
+from bench.reports.ranks import RankTable, fraction_label, ordered, rank_tables, ranks_frame
+from bench.reports.stats import BLOCKS, CLIQUE_TESTS, ZERO_METHOD, Analysis, json_safe, run_analyses, stats_document
+from bench.reports.tables import frame_table, pretty_metric, rank_table_model, ranks_latex, ranks_markdown
 
-COST_COLUMNS = {"pretrain_s": "pretrain (s)", "finetune_s": "finetune (s)",
-                "pretrain_images_per_s": "pretrain images/s", "finetune_images_per_s": "finetune images/s"}
-TEST_NAMES = {"nemenyi": "Nemenyi", "wilcoxon": "Wilcoxon signed-rank, Holm"}
+TestImages = Callable[[str], tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
 
 
 @dataclass
 class ReportSummary:
     out_dir: Path
     files: list[Path] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)  # a short text summary for the terminal
+    lines: list[str] = field(default_factory=list)  # a short text summary for the terminal (no "written to")
 
 
 @dataclass
-class Completeness:
-    """What is not in the ranking, and why: failed cells, cells absent from the table, fewer seeds."""
-
-    failed: pd.DataFrame
-    absent: list[str]
-    run_missing: list[str]
-    fewer_seeds: list[str]
+class Settings:
+    metric: str
+    higher: bool
+    direction_reason: str
+    blocks: str
+    alpha: float
+    cliques: str
+    show_std: bool
+    references: dict[str, str]  # display name → kind
+    rank_references: bool
+    formats: tuple[str, ...]
 
     @property
-    def any(self) -> bool:
-        return bool(len(self.failed) or self.absent or self.run_missing or self.fewer_seeds)
+    def unranked(self) -> list[str]:
+        return [] if self.rank_references else list(self.references)
 
 
 def build_report(source: Path, out_dir: Path | None = None, metric: str = "miou",
                  lower_is_better: bool | None = None, blocks: str = "dataset", cliques: str = "nemenyi",
-                 alpha: float = 0.05, show_std: bool = True) -> ReportSummary:
+                 alpha: float = 0.05, show_std: bool = True, references: Sequence[str] = (),
+                 rank_references: bool = False, test_images: TestImages | None = None,
+                 formats: tuple[str, ...] = FORMATS) -> ReportSummary:
     """Write the full report for ``source`` (a run folder or a long-format CSV) and summarise it.
 
-    ``lower_is_better=None`` infers the direction from the metric's name (``hd95``, ``*loss*``,
-    ``*error*`` are lower-is-better); ``blocks`` is ``dataset`` | ``dataset-fraction`` | ``dataset-seed``;
-    ``cliques`` picks the test behind the CD diagram's bars: ``nemenyi`` or ``wilcoxon`` (Holm).
+    ``lower_is_better=None`` infers the direction from the metric's name (distances, errors, losses and
+    times are lower-is-better; the summary says which was assumed); ``blocks`` is ``dataset`` |
+    ``dataset-fraction`` | ``dataset-seed``; ``cliques`` picks the test behind the CD diagram's groups:
+    ``nemenyi`` or ``wilcoxon`` (Holm). Methods whose ``reference`` column is set, and the ``references``
+    named here, are shown marked and kept out of ranks and statistics unless ``rank_references``.
+    ``test_images(dataset)`` may return (images, ground truths) by test id for the predictions figure.
+    ``formats``: the figure files to write (PDF, SVG, PNG by default; PNG always).
     """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise BenchError(f"unknown figure format(s) {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
     if blocks not in BLOCKS:
         raise BenchError(f"unknown blocks '{blocks}': choose one of {', '.join(BLOCKS)}")
     if cliques not in CLIQUE_TESTS:
@@ -86,19 +85,30 @@ def build_report(source: Path, out_dir: Path | None = None, metric: str = "miou"
     if not 0.0 < alpha < 1.0:
         raise BenchError(f"alpha must lie between 0 and 1, got {alpha}")
     src = load_source(Path(source), metric)
-    lower = known_lower_is_better(metric) if lower_is_better is None else bool(lower_is_better)
+    guessed, reason = metric_direction(metric)
+    lower = guessed if lower_is_better is None else bool(lower_is_better)
+    reason = reason if lower_is_better is None else "as asked"
+    refs = reference_methods(src.frame, tuple(references))
+    src.frame["method_name"] = src.frame["method"]
+    src.frame["method"] = [reference_label(m, refs[m]) if m in refs else m for m in src.frame["method"]]
+    cfg = Settings(metric, not lower, reason, blocks, alpha, cliques, show_std,
+                   {reference_label(m, k): k for m, k in refs.items()}, rank_references, tuple(formats))
     out = _out_dir(src, out_dir)
-    files: list[Path] = []
-    tables = rank_tables(src.frame, metric, not lower)
-    files += _write_ranks(tables, out, show_std)
-    analyses = run_analyses(src.frame, metric, not lower, blocks, alpha, cliques)
+    tables = rank_tables(src.frame, metric, cfg.higher, cfg.unranked)
+    ranked = [m for m in ordered(src.frame["method"]) if m not in cfg.unranked]
+    analyses = run_analyses(src.frame, metric, cfg.higher, blocks, alpha, cliques, ranked)
     complete = completeness(src)
-    files.append(_write_stats(analyses, complete, metric, not lower, blocks, alpha, cliques, out))
-    figures = _figures(src, tables, analyses, metric, cliques, out)
-    files += [p for paths in figures.values() for p in paths]
-    doc = _document(src, tables, analyses, complete, figures, metric, not lower, blocks, alpha, cliques, show_std)
+    mde = mde_table(src.frame, metric, ranked, alpha, POWER)
+    files = _write_ranks(tables, out, show_std)
+    files.append(_write_stats(analyses, complete, mde, cfg, out))
+    mde.to_csv(out / "mde.csv", index=False, float_format="%.6g")
+    files.append(out / "mde.csv")
+    figures = _figures(src, tables, analyses, cfg, out, test_images)
+    files += [p for f in figures for p in f.paths]
+    files.append(_write(out / "figures.tex", figures_latex(figures, out)))
+    doc = _document(src, tables, analyses, complete, mde, figures, cfg)
     files += _write(out / "report.md", doc.markdown(out)), _write(out / "report.html", doc.html())
-    return ReportSummary(out, files, _summary_lines(out, analyses, complete, metric))
+    return ReportSummary(out, files, _summary_lines(analyses, complete, cfg))
 
 
 def _out_dir(src: Source, out_dir: Path | None) -> Path:
@@ -121,104 +131,181 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-# --- ranks and stats files ---------------------------------------------------------------------------
+# --- ranks, stats and completeness ---------------------------------------------------------------------
 
 def _write_ranks(tables: list[RankTable], out: Path, show_std: bool) -> list[Path]:
     models = [rank_table_model(t, show_std) for t in tables]
-    headings = [_group_title(fraction_label(t.fraction)) for t in tables]
+    headings = [sec.group_title(fraction_label(t.fraction)) for t in tables]
     csv = out / "ranks.csv"
     ranks_frame(tables).to_csv(csv, index=False, float_format="%.6g")
     return [csv, _write(out / "ranks.md", ranks_markdown(models, headings)),
             _write(out / "ranks.tex", ranks_latex(models))]
 
 
-def _write_stats(analyses: list[Analysis], complete: Completeness, metric: str, higher: bool, blocks: str,
-                 alpha: float, cliques: str, out: Path) -> Path:
-    doc = stats_document(analyses, metric, higher, blocks, alpha, cliques)
+def _write_stats(analyses: list[Analysis], complete: sec.Completeness, mde: pd.DataFrame, cfg: Settings,
+                 out: Path) -> Path:
+    doc = stats_document(analyses, cfg.metric, cfg.higher, cfg.blocks, cfg.alpha, cfg.cliques)
+    doc["direction"] = cfg.direction_reason
+    doc["references"] = {"methods": cfg.references, "ranked": cfg.rank_references}
+    for a in doc["analyses"]:
+        if "k" in a and "n" in a:
+            a["design"] = design_statement(a["k"], a["n"], cfg.cliques, cfg.alpha)
+    doc["minimum_detectable_effect"] = json_safe({"power": POWER, "rows": mde.to_dict(orient="records")})
     doc["incomplete"] = json_safe({
-        "failed_cells": complete.failed.to_dict(orient="records"),
-        "absent_cells": complete.absent, "run_missing": complete.run_missing,
-        "fewer_seeds": complete.fewer_seeds,
+        "failed_cells": complete.failed.to_dict(orient="records"), "absent_cells": complete.absent,
+        "run_missing": complete.run_missing, "fewer_seeds": complete.fewer_seeds,
+        "seed_mismatch": complete.seed_mismatch,
     })
     return _write(out / "stats.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
-def completeness(src: Source) -> Completeness:
-    """Failed cells (with reasons), grid cells absent from the table, run.json's missing list, and
-    (method, dataset, fraction) entries averaged over fewer seeds than the others."""
+def completeness(src: Source) -> sec.Completeness:
+    """Failed cells (with reasons), cells absent from the table, run.json's missing list, (method,
+    dataset, fraction) entries with fewer seeds than the others, and seed ids that differ between methods.
+
+    A cell is absent when its (dataset, fraction) has rows and its method lacks a seed that another
+    method has there; (dataset, fraction) pairs that no method has are not expected.
+    """
     frame = src.frame
     cols = [c for c in ("cell_id", "method", "dataset", "fraction", "seed", "error") if c in frame.columns]
     failed = frame.loc[frame["status"] != "ok", cols].reset_index(drop=True)
-    absent = [] if src.strict else _absent(frame)
-    run_missing = [_describe(m) for m in src.run.get("missing", []) or []]
+    run_missing = [", ".join(f"{k}={v}" for k, v in m.items()) if isinstance(m, dict) else str(m)
+                   for m in src.run.get("missing", []) or []]
+    methods = ordered(frame["method"])
+    absent, mismatch = [], []
+    for (d, f), sub in frame.groupby(["dataset", frame["fraction"].fillna(-1.0)], sort=False):
+        where = f"{d}, fraction {fraction_label(None if f == -1.0 else f)}"
+        seeds = sorted(sub["seed"].unique().tolist())
+        have = set(zip(sub["method"], sub["seed"], strict=True))
+        absent += [f"{m} on {where}, seed {s}" for m in methods for s in seeds if (m, s) not in have]
+        ids = {m: tuple(sorted(sub.loc[sub["method"] == m, "seed"].unique().tolist())) for m in methods}
+        present = {m: s for m, s in ids.items() if s}
+        if len(set(present.values())) > 1:
+            mismatch.append(f"{where}: " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in present.items()))
     ok = frame[frame["status"] == "ok"]
     n = ok.groupby(["method", "dataset", "fraction"], dropna=False)["seed"].nunique()
     fewer = [f"{m} on {d} at fraction {fraction_label(f)}: {c} of {n.max()} seeds"
              for (m, d, f), c in n.items() if c < n.max()]
-    return Completeness(failed, absent, run_missing, fewer)
+    return sec.Completeness(failed, absent, run_missing, fewer, mismatch)
 
 
-def _absent(frame: pd.DataFrame) -> list[str]:
-    keys = ["method", "dataset", "fraction", "seed"]
-    have = set(map(tuple, frame[keys].fillna(-1.0).to_numpy().tolist()))
-    levels = [list(dict.fromkeys(frame[k].fillna(-1.0).tolist())) for k in keys]
-    return [f"{m} on {d}, fraction {fraction_label(None if f == -1.0 else f)}, seed {s}"
-            for m, d, f, s in product(*levels) if (m, d, f, s) not in have]
+# --- figures -------------------------------------------------------------------------------------------
 
-
-def _describe(item) -> str:
-    if isinstance(item, dict):
-        return ", ".join(f"{k}={v}" for k, v in item.items())
-    return str(item)
-
-
-# --- figures -----------------------------------------------------------------------------------------
-
-def _figures(src: Source, tables: list[RankTable], analyses: list[Analysis], metric: str, cliques: str,
-             out: Path) -> dict[str, list[Path]]:
-    figs: dict[str, list[Path]] = {}
+def _figures(src: Source, tables: list[RankTable], analyses: list[Analysis], cfg: Settings, out: Path,
+             test_images: TestImages | None) -> list[FigureFiles]:
+    figs: list[FigureFiles | None] = []
     for a in analyses:
         r = a.result
         if r["k"] >= 2 and r["n"] >= 1:
-            title = f"{_group_title(a.group)}: k = {r['k']} methods, N = {r['n']} blocks, α = {r['nemenyi']['alpha']}"
-            figs[f"cd_{a.group}"] = cd_diagram.draw_cd(r["avg_ranks"], r["nemenyi"]["cd"], r["cliques"],
-                                                       out / f"cd_{a.group}", title, TEST_NAMES[cliques])
+            cd = r["nemenyi"]["cd"] if cfg.cliques == "nemenyi" else None
+            figs.append(render(f"cd_{a.group}", _cd_caption(a, cfg),
+                               lambda w, r=r, cd=cd: cd_diagram.cd_figure(r["avg_ranks"], cd, r["cliques"], w),
+                               out / f"cd_{a.group}", formats=cfg.formats))
     if any(t.avg_rank.notna().any() for t in tables):
-        figs["rank_chart"] = [plots.rank_chart(tables, out / "rank_chart.png")]
-    eff = plots.label_efficiency(src.frame, metric, out / "label_efficiency.png")
-    if eff:
-        figs["label_efficiency"] = [eff]
+        figs.append(render("rank_chart", "Average rank of each method over the ranked datasets, one marker per "
+                           "label fraction (1 = best).", lambda w: plots.rank_chart(tables, w), out / "rank_chart",
+                           formats=cfg.formats))
+    refs = set(cfg.references)
+    figs.append(render("label_efficiency", f"{pretty_metric(cfg.metric)} against the label fraction (log axis), "
+                       "mean ± std over seeds, per dataset and averaged over the datasets every method has (the "
+                       "one-column version: the average alone)" + ("; reference methods dashed." if refs else "."),
+                       lambda w: plots.label_efficiency(src.frame, cfg.metric, w, cfg.higher, refs),
+                       out / "label_efficiency", "2col", cfg.formats))
+    direction = "higher is better" if cfg.higher else "lower is better"
     for d in tables[0].datasets:
-        figs[f"bars_{d}"] = [plots.dataset_bars(src.frame, metric, d, out / f"bars_{plots.slug(d)}.png")]
+        figs.append(render(f"strip_{d}", f"{d}: {pretty_metric(cfg.metric)} of every seed (dots) and the seed mean "
+                           f"(bars) per method and label fraction, on an axis zoomed to the values ({direction}).",
+                           lambda w, d=d: plots.dataset_strip(src.frame, cfg.metric, d, w, cfg.higher),
+                           out / f"strip_{plots.slug(d)}", formats=cfg.formats))
+    figs += _prediction_figures(src, out, test_images, cfg.formats)
+    return [f for f in figs if f is not None]
+
+
+def _cd_caption(a: Analysis, cfg: Settings) -> str:
+    r = a.result
+    head = (f"Critical-difference diagram, {sec.group_title(a.group).lower()}: average ranks of k = {r['k']} methods "
+            f"over N = {r['n']} blocks (rank 1, the best, at the left). ")
+    if cfg.cliques == "nemenyi":
+        return head + (f"Bars join the methods whose average ranks differ by less than the critical difference "
+                       f"CD = {r['nemenyi']['cd']:.3f} (Nemenyi, α = {cfg.alpha}).")
+    return head + (f"Bars join groups with no significant pair under the Wilcoxon signed-rank test with Holm's "
+                   f"correction (α = {cfg.alpha}); a thin line with dots joins a group that skips a method ranked "
+                   "between its members. No CD bar is drawn: the groups do not come from Nemenyi.")
+
+
+def _prediction_figures(src: Source, out: Path, test_images: TestImages | None,
+                        formats: tuple[str, ...]) -> list[FigureFiles | None]:
+    folder = src.run_dir / "predictions" if src.run_dir else None
+    if folder is None or not folder.is_dir() or "cell_id" not in src.frame.columns:
+        return []
+    frame = src.frame[(src.frame["status"] == "ok") & src.frame["cell_id"].notna()]
+    frame = frame[[(folder / f"{c}.npz").is_file() for c in frame["cell_id"]]]
+    figs = []
+    for dataset, sub in frame.groupby("dataset", sort=False):
+        f = sub["fraction"].min()
+        sub = sub[sub["fraction"].isna()] if pd.isna(f) else sub[sub["fraction"] == f]
+        sub = sub[sub["seed"] == sub["seed"].min()]
+        cells = {r.method: read_predictions(folder / f"{r.cell_id}.npz") for r in sub.itertuples()}
+        key = str(sub["test_set"].iloc[0]) if "test_set" in sub and pd.notna(sub["test_set"].iloc[0]) else dataset
+        images, truths = test_images(key) if test_images else (None, None)
+        preds = {m: masks for m, (masks, _) in cells.items()}
+        ious = {m: {i: (iou[i] if i in iou else mask_iou(masks[i], truths[i]) if truths and i in truths
+                        else float("nan")) for i in masks} for m, (masks, iou) in cells.items()}
+        base = "scratch" if "scratch" in preds else next(iter(preds))
+        common = [i for i in preds[base] if all(i in p for p in preds.values())]
+        rows = choose_images(ious[base], 4, common)
+        chosen = f"test images spread over {base}'s IoU range (top: lowest)"
+        if not rows:  # no IoU recorded and no ground truth given: the first test images
+            rows, chosen = common[:4], "the first test images (no IoU recorded)"
+        if not rows:
+            continue
+        seed = int(sub["seed"].iloc[0])
+        caption = (f"{dataset}: {chosen}, "
+                   + ("the image, its ground truth and " if truths else "")
+                   + f"each method's prediction at label fraction {fraction_label(f)}, seed {seed}; "
+                   "the number in the corner is the image's IoU.")
+        figs.append(render(f"predictions_{dataset}", caption,
+                           lambda w, rows=rows, p=preds, i=ious, im=images, t=truths: predictions_figure(
+                               rows, p, i, w, im, t), out / f"predictions_{plots.slug(dataset)}", "2col", formats))
     return figs
 
 
 # --- the document --------------------------------------------------------------------------------------
 
-def _group_title(group: str) -> str:
-    return "Overall" if group == "all" else f"Label fraction {group}"
-
-
-def _document(src: Source, tables: list[RankTable], analyses: list[Analysis], complete: Completeness,
-              figs: dict[str, list[Path]], metric: str, higher: bool, blocks: str, alpha: float,
-              cliques: str, show_std: bool) -> Document:
-    doc = Document(f"Benchmark report: {pretty_metric(metric)}")
-    direction = "higher is better" if higher else "lower is better"
-    doc.para(f"Source: {src.path}. Metric: {metric} ({direction}). Blocks: {blocks}. "
-             f"Post-hoc test for the diagram: {TEST_NAMES[cliques]}, α = {alpha}.")
-    _run_section(doc, src)
-    _completeness_section(doc, complete, tables, analyses)
+def _document(src: Source, tables: list[RankTable], analyses: list[Analysis], complete: sec.Completeness,
+              mde: pd.DataFrame, figs: list[FigureFiles], cfg: Settings) -> Document:
+    doc = Document(f"Benchmark report: {pretty_metric(cfg.metric)}")
+    direction = "higher is better" if cfg.higher else "lower is better"
+    doc.para(f"Source: {src.path}. Metric: {cfg.metric} ({direction}; {cfg.direction_reason}). Blocks: "
+             f"{cfg.blocks}. Post-hoc test for the diagram: {sec.TEST_NAMES[cfg.cliques]}, α = {cfg.alpha}.")
+    facts = sec.protocol_facts(src.frame, src.run)
+    designs = {(a.result["k"], a.result["n"]): a.group for a in analyses if a.result["k"] >= 2 and a.result["n"] >= 1}
+    facts += [f"Design{'' if len(designs) == 1 else ' (' + sec.group_title(g).lower() + ')'}: "
+              + design_statement(k, n, cfg.cliques, cfg.alpha) for (k, n), g in designs.items()]
+    if cfg.references:
+        facts.append("Reference methods (" + ", ".join(cfg.references) + "): " + (
+            "ranked with the others, as asked." if cfg.rank_references else
+            "shown for comparison, kept out of the ranks and the statistics."))
+    doc.bullets(facts)
+    sec.run_section(doc, src.frame, src.run)
+    sec.completeness_section(doc, complete, analyses)
     doc.heading("Ranks")
     doc.para("Per dataset, the metric is averaged over seeds first (seeds are repetitions), methods are "
              "ranked (1 = best, ties share the average rank), and ranks are averaged over the datasets on "
              "which every method has a result (Demšar 2006).")
     for t in tables:
-        doc.heading(_group_title(fraction_label(t.fraction)), 3)
-        doc.table(rank_table_model(t, show_std))
-    _stats_section(doc, analyses, figs, blocks, alpha, cliques, higher, metric)
-    _figures_section(doc, figs)
+        doc.heading(sec.group_title(fraction_label(t.fraction)), 3)
+        doc.table(rank_table_model(t, cfg.show_std))
+    by_key = {f.key: f for f in figs}
+    _stats_section(doc, analyses, by_key, mde, cfg)
+    doc.heading("Figures")
+    for f in figs:
+        if not f.key.startswith("cd_"):
+            doc.image(f.png(), f.key, f.caption)
+    doc.para(f"Every figure is written as {', '.join(f.upper() for f in cfg.formats)}, 6.9 in wide and 3.3 in "
+             "wide (…_1col); figures.tex holds their LaTeX figure environments with these captions.")
     _diagnostics_section(doc, src)
-    _cost_section(doc, src)
+    sec.cost_section(doc, src.frame, src.run_dir / "speed.json" if src.run_dir else None)
     notes = [str(n) for n in src.run.get("notes", []) or []]
     if notes:
         doc.heading("Notes")
@@ -226,177 +313,33 @@ def _document(src: Source, tables: list[RankTable], analyses: list[Analysis], co
     return doc
 
 
-def _run_section(doc: Document, src: Source) -> None:
-    run = src.run
-    frame = src.frame
-    precision = _distinct(frame, "precision_mode") or _distinct_spec(run, "precision")
-    device = _distinct(frame, "device")
-    if not (run or precision or device):
-        return
-    doc.heading("Run")
-    facts = []
-    if precision:
-        facts.append(f"Precision: {precision}")
-    if device:
-        facts.append(f"Device: {device}")
-    doc.bullets(facts)
-    for key, title in (("versions", "Versions"), ("hardware", "Hardware")):
-        if isinstance(run.get(key), dict) and run[key]:
-            doc.heading(title, 3)
-            doc.table(_key_value_table(run[key]))
-    if run.get("spec"):
-        doc.heading("Spec", 3)
-        doc.code(json.dumps(run["spec"], indent=2, default=str))
-
-
-def _distinct(frame: pd.DataFrame, col: str) -> str:
-    if col not in frame.columns:
-        return ""
-    return ", ".join(str(v) for v in dict.fromkeys(frame[col].dropna().tolist()))
-
-
-def _distinct_spec(run: dict, key: str) -> str:
-    spec = run.get("spec")
-    return str(spec[key]) if isinstance(spec, dict) and spec.get(key) is not None else ""
-
-
-def _key_value_table(d: dict) -> Table:
-    rows = [[Cell(str(k)), Cell(v if isinstance(v, str) else json.dumps(v, default=str))] for k, v in d.items()]
-    return Table(["key", "value"], rows)
-
-
-def _completeness_section(doc: Document, c: Completeness, tables: list[RankTable],
-                          analyses: list[Analysis]) -> None:
-    doc.heading("Completeness")
-    if not c.any and not any(a.excluded_blocks or a.excluded_methods for a in analyses):
-        doc.para("Every cell of the grid has a result.")
-        return
-    if len(c.failed):
-        doc.heading(f"Failed cells ({len(c.failed)})", 3)
-        doc.table(frame_table(c.failed))
-    if c.run_missing:
-        doc.heading(f"Cells expected by the run but missing ({len(c.run_missing)})", 3)
-        doc.bullets(c.run_missing)
-    if c.absent:
-        doc.heading(f"Grid cells absent from the results table ({len(c.absent)})", 3)
-        doc.bullets(c.absent)
-    if c.fewer_seeds:
-        doc.heading("Averaged over fewer seeds", 3)
-        doc.bullets(c.fewer_seeds)
-    doc.heading("Effect on the ranking", 3)
-    doc.bullets([_coverage(a) for a in analyses])
-
-
-def _coverage(a: Analysis) -> str:
-    text = f"{_group_title(a.group)}: ranked over {a.result['blocks_used']} of {a.blocks_total} blocks"
-    if a.excluded_blocks:
-        left = [f"{b} (no result for {', '.join(ms)})" for b, ms in a.excluded_blocks.items()]
-        text += "; left out: " + "; ".join(left)
-    if a.excluded_methods:
-        text += f"; not ranked (no result at all): {', '.join(a.excluded_methods)}"
-    return text
-
-
-def _stats_section(doc: Document, analyses: list[Analysis], figs: dict, blocks: str, alpha: float,
-                   cliques: str, higher: bool, metric: str) -> None:
+def _stats_section(doc: Document, analyses: list[Analysis], figs: dict[str, FigureFiles], mde: pd.DataFrame,
+                   cfg: Settings) -> None:
     doc.heading("Statistics")
-    doc.para(_blocks_sentence(blocks) + f" Wilcoxon signed-rank tests use zero_method='{ZERO_METHOD}' "
+    doc.para(sec.blocks_sentence(cfg.blocks) + f" Wilcoxon signed-rank tests use zero_method='{ZERO_METHOD}' "
              "(zero differences split evenly between the signed-rank sums, Demšar 2006 §3.1.3) and Holm's "
-             "correction over all pairs (Benavoli et al. 2016). Effect sizes: mean difference of "
-             f"{metric} over blocks (first minus second method) with a seeded 95% percentile-bootstrap interval.")
+             "correction over all pairs (Benavoli et al. 2016). The omnibus test is the exact Friedman test where "
+             "its distribution can be enumerated, Iman–Davenport's F otherwise. Effect sizes: mean difference of "
+             f"{cfg.metric} over blocks (first minus second method) with a Student-t 95% interval, and d_z.")
     for a in analyses:
-        doc.heading(_group_title(a.group), 3)
-        doc.bullets(statements(a.result, alpha, cliques))
+        doc.heading(sec.group_title(a.group), 3)
+        doc.bullets(sec.statements(a.result, cfg.alpha, cfg.cliques))
         if f"cd_{a.group}" in figs:
-            doc.image(figs[f"cd_{a.group}"][1], f"critical-difference diagram, {_group_title(a.group)}")
+            f = figs[f"cd_{a.group}"]
+            doc.image(f.png(), f"critical-difference diagram, {sec.group_title(a.group)}", f.caption)
         if a.result.get("pairs"):
-            doc.table(_pairs_table(a.result["pairs"]))
-
-
-def _blocks_sentence(blocks: str) -> str:
-    if blocks == "dataset":
-        return "One block per dataset (metric averaged over seeds); each label fraction is analysed separately."
-    if blocks == "dataset-fraction":
-        return "One block per (dataset, label fraction), metric averaged over seeds; all fractions analysed together."
-    return ("One block per (dataset, seed) within each fraction. Seeds are repetitions, not independent data "
-            "sets: this inflates N and shrinks the critical difference; prefer blocks=dataset.")
-
-
-def statements(r: dict, alpha: float, cliques: str) -> list[str]:
-    """The statistics of one analysis in words."""
-    if "friedman" not in r:
-        return [f"No statistics: {r.get('note', 'not enough data')} (k = {r['k']}, N = {r['n']})."]
-    fr, idv, nem = r["friedman"], r["iman_davenport"], r["nemenyi"]
-    rejects = idv["significant"]
-    out = [f"k = {r['k']} methods over N = {r['n']} blocks. Friedman χ²_F = {fr['chi2']:.3f} (df {fr['df']}, "
-           f"p = {_p(fr['p'])}); Iman–Davenport F_F = {_num(idv['F'])} (df {idv['df1']}, {idv['df2']}, "
-           f"p = {_p(idv['p'])}): " + ("undefined with a single block, so nothing can be concluded."
-                                        if math.isnan(idv["p"]) else
-                                        f"the methods {'differ' if rejects else 'do not differ'} significantly "
-                                        f"at α = {alpha}.")]
-    out.append(f"Nemenyi: q_α = {nem['q_alpha']:.3f}, critical difference CD = {nem['cd']:.3f}.")
-    for test in ("nemenyi", "wilcoxon"):
-        key = "" if test == "nemenyi" else "wilcoxon_"
-        sig = [p for p in r["pairs"] if p[f"{test}_significant"]]
-        name = TEST_NAMES[test]
-        if sig:
-            out += [f"{p[key + 'better']} is significantly better than {p[key + 'worse']} at α = {alpha} ({name})."
-                    for p in sig]
-            if test == "nemenyi" and not rejects:
-                out.append("Caution: the Friedman test does not reject equal performance, so Demšar (2006) "
-                           "advises against reading the Nemenyi pairs above.")
-        else:
-            out.append(f"No significant differences between any pair at α = {alpha} ({name}).")
-    if 2.0 / 2 ** r["n"] >= alpha:
-        out.append(f"With N = {r['n']} blocks an exact two-sided Wilcoxon test cannot reach p < {alpha}; "
-                   "pairwise conclusions need more datasets.")
-    groups = "; ".join("{" + ", ".join(g) + "}" for g in r["cliques"]) or "none"
-    out.append(f"Groups without a significant difference ({TEST_NAMES[cliques]}): {groups}.")
-    return out
-
-
-def _pairs_table(pairs: list[dict]) -> Table:
-    header = ["pair", "Δ avg rank", "Nemenyi p", "Wilcoxon p", "Holm p", "mean diff [95% CI]", "wins/ties/losses"]
-    rows = []
-    for p in pairs:
-        rows.append([Cell(f"{p['a']} vs {p['b']}"), Cell(f"{p['rank_diff']:+.3f}"),
-                     Cell(_p(p["nemenyi_p"]), bold=p["nemenyi_significant"]), Cell(_p(p["wilcoxon_p"])),
-                     Cell(_p(p["holm_p"]), bold=p["wilcoxon_significant"]),
-                     Cell(f"{p['mean_diff']:+.4g} [{p['ci_low']:+.4g}, {p['ci_high']:+.4g}]"),
-                     Cell(f"{p['a_wins']}/{p['ties']}/{p['b_wins']}")])
-    return Table(header, rows, "Pairwise comparisons (bold: significant). Δ avg rank and the mean difference "
-                 "are first minus second method; wins count blocks where the first method ranks better.")
-
-
-def _p(p: float | None) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return DASH
-    if p == 0.0:
-        return "0"
-    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
-
-
-def _num(x: float) -> str:
-    return "∞" if math.isinf(x) else DASH if math.isnan(x) else f"{x:.3f}"
-
-
-def _figures_section(doc: Document, figs: dict[str, list[Path]]) -> None:
-    doc.heading("Figures")
-    captions = {"rank_chart": "average rank per method and fraction",
-                "label_efficiency": "metric vs label fraction (mean ± std over seeds)"}
-    for key, caption in captions.items():
-        if key in figs:
-            doc.image(figs[key][0], caption)
-    for key, paths in figs.items():
-        if key.startswith("bars_"):
-            doc.image(paths[0], f"{key[5:]}: metric per method (mean ± std over seeds)")
+            doc.table(sec.pairs_table(a.result["pairs"]))
+    sec.mde_section(doc, mde, cfg.metric, cfg.alpha, POWER)
 
 
 def _diagnostics_section(doc: Document, src: Source) -> None:
     folder = src.run_dir / "diagnostics" if src.run_dir else None
     if folder is None or not folder.is_dir():
         return
+    from bench.reports.diagnostics import LEGEND
+
     doc.heading("Feature diagnostics")
+    doc.para(LEGEND)
     csv = folder / "diagnostics.csv"
     if csv.is_file():
         try:
@@ -407,56 +350,29 @@ def _diagnostics_section(doc: Document, src: Source) -> None:
         doc.image(png, png.stem)
 
 
-def _cost_section(doc: Document, src: Source) -> None:
-    frame = src.frame
-    cols = [c for c in COST_COLUMNS if c in frame.columns]
-    speed = src.run_dir / "speed.json" if src.run_dir else None
-    if not cols and not (speed and speed.is_file()):
-        return
-    doc.heading("Compute cost")
-    if cols:
-        ok = frame[frame["status"] == "ok"]
-        costs = ok.groupby("method", sort=False)[cols].agg(lambda s: pd.to_numeric(s, errors="coerce").mean())
-        costs = costs.reindex(list(dict.fromkeys(frame["method"]))).reset_index()
-        doc.table(frame_table(costs.rename(columns=COST_COLUMNS),
-                              "Mean per finetune cell over successful cells (pretraining time is that of "
-                              "the checkpoint the cell used; a shared checkpoint is counted in each cell)."))
-    if speed and speed.is_file():
-        doc.heading("Throughput (speed.json)", 3)
-        _speed(doc, speed)
-
-
-def _speed(doc: Document, path: Path) -> None:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        doc.para(f"{path} is not valid JSON.")
-        return
-    records = data if isinstance(data, list) else None
-    if records and all(isinstance(r, dict) for r in records):
-        doc.table(frame_table(pd.json_normalize(records)))
-    else:
-        doc.code(json.dumps(data, indent=2, default=str))
-
-
-def _summary_lines(out: Path, analyses: list[Analysis], c: Completeness, metric: str) -> list[str]:
-    lines = [f"report written to {out}"]
+def _summary_lines(analyses: list[Analysis], c: sec.Completeness, cfg: Settings) -> list[str]:
+    lines = [f"metric {cfg.metric}: {'higher' if cfg.higher else 'lower'} is better ({cfg.direction_reason}"
+             + ("; pass --lower-is-better/--higher-is-better to change it)" if cfg.direction_reason != "as asked"
+                else ")")]
     for a in analyses:
         r = a.result
-        head = f"{_group_title(a.group)}: "
+        head = f"{sec.group_title(a.group)}: "
         if "friedman" not in r:
             lines.append(head + f"no statistics ({r.get('note', 'not enough data')})")
             continue
         best = min(r["avg_ranks"], key=r["avg_ranks"].get)
-        sig = len(r["significant_pairs"])
         lines.append(head + f"best {best} (avg rank {r['avg_ranks'][best]:.2f}) of k={r['k']} over "
-                     f"N={r['n']}/{a.blocks_total} blocks; Iman–Davenport p={_p(r['iman_davenport']['p'])}; "
-                     f"CD={r['nemenyi']['cd']:.3f}; {sig} significant pair(s) ({r['clique_test']})")
+                     f"N={r['n']}/{a.blocks_total} blocks; {r['omnibus']['test']} p={sec.p_text(r['omnibus']['p'])}; "
+                     f"CD={r['nemenyi']['cd']:.3f}; {len(r['significant_pairs'])} significant pair(s) "
+                     f"({r['clique_test']})")
+        lines.append("  " + design_statement(r["k"], r["n"], cfg.cliques, cfg.alpha))
     issues = []
     if len(c.failed):
         issues.append(f"{len(c.failed)} failed cell(s)")
     if c.absent or c.run_missing:
         issues.append(f"{max(len(c.absent), len(c.run_missing))} missing cell(s)")
+    if c.seed_mismatch:
+        issues.append(f"seed ids differ between methods in {len(c.seed_mismatch)} place(s)")
     if issues:
         lines.append(", ".join(issues) + " — listed in report.md")
     return lines

@@ -11,7 +11,15 @@
   (``"wilcox"`` would drop ties and overstate significance; ``"pratt"`` keeps their ranks but drops them
   from the sums); Holm's step-down correction over all k(k−1)/2 pairs (Benavoli et al. 2016 recommend
   this over the mean-ranks post-hoc test, whose outcome depends on the other methods in the comparison).
-- Effect size per pair: mean difference over blocks with a seeded percentile-bootstrap 95% interval.
+- Exact Friedman test: the permutation distribution of χ²_F when each block ranks the methods at random
+  (k! equally likely untied rankings per block), enumerated where that is small. Its p-value decides the
+  omnibus test whenever it is available; Iman–Davenport's F approximation decides otherwise. When χ²_F
+  reaches its maximum N(k−1) (every block ranks the methods identically) F_F is infinite and undefined;
+  the exact p is then (k!)^(1−N).
+- Effect size per pair: mean difference over blocks with a 95% t-interval (mean ± t_{0.975, N−1}·s/√N;
+  a percentile bootstrap covers far less than 95% with a handful of blocks) and the standardised mean
+  difference d_z = mean/s of the paired differences (Cohen 1988).
+- Groups (the bars of a CD diagram): maximal sets of methods with no significant pair under the chosen test.
 
 Blocks: ``dataset`` (default; metric averaged over seeds, each fraction analysed separately),
 ``dataset-fraction`` (all fractions together, one block per (dataset, fraction)) or ``dataset-seed``
@@ -21,6 +29,7 @@ shrinks the CD; offered for comparison only).
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -36,8 +45,8 @@ from bench.reports.ranks import ALL, at_fraction, complete_blocks, fraction_labe
 BLOCKS = ("dataset", "dataset-fraction", "dataset-seed")
 CLIQUE_TESTS = ("nemenyi", "wilcoxon")
 ZERO_METHOD = "zsplit"
-BOOTSTRAP_RESAMPLES = 4000
-BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+EXACT_FRIEDMAN_STATES = 300_000  # enumerate the exact distribution up to this many rank-sum states
 
 
 # --- omnibus tests ---------------------------------------------------------------------------------
@@ -57,21 +66,55 @@ def tie_correction(ranks: np.ndarray) -> float:
     return 1.0 - ties / (n * (k**3 - k))
 
 
+def degenerate(chi2: float, n: int, k: int) -> bool:
+    """χ²_F at its maximum N(k−1): every block ranks the methods the same way, without ties."""
+    return chi2 >= n * (k - 1) - 1e-9
+
+
 def iman_davenport(chi2: float, n: int, k: int) -> tuple[float, int, int, float]:
     """Demšar Eq. 2: F_F = (N−1)χ²_F / (N(k−1) − χ²_F) and its p-value from F((k−1), (k−1)(N−1)).
 
-    When every block ranks the methods identically the denominator is 0: F_F = ∞, p = 0. With a single
-    block (N = 1) the test is undefined: NaN.
+    Undefined (p = NaN) with a single block, and when χ²_F reaches its maximum N(k−1): F_F = ∞ there,
+    and the F approximation says nothing (use ``friedman_exact_p``).
     """
     df1, df2 = k - 1, (k - 1) * (n - 1)
     if df2 == 0:  # a single block: no within-block variation to compare against
         return math.nan, df1, df2, math.nan
-    denom = n * (k - 1) - chi2
-    if denom <= 1e-12:
-        return math.inf, df1, df2, 0.0
-    ff = (n - 1) * chi2 / denom
-    p = float(stats.f.sf(ff, df1, df2)) if df2 > 0 else math.nan
-    return float(ff), df1, df2, p
+    if degenerate(chi2, n, k):
+        return math.inf, df1, df2, math.nan
+    ff = (n - 1) * chi2 / (n * (k - 1) - chi2)
+    return float(ff), df1, df2, float(stats.f.sf(ff, df1, df2))
+
+
+def friedman_exact_p(chi2: float, n: int, k: int, max_states: int = EXACT_FRIEDMAN_STATES) -> float | None:
+    """P(χ²_F ≥ ``chi2``) when each of ``n`` blocks ranks ``k`` methods uniformly at random (no ties).
+
+    The distribution of the rank sums (S_1 … S_{k−1}; S_k follows) is convolved block by block over the
+    k! rankings; χ²_F = 12/(Nk(k+1))·Σ S_j² − 3N(k+1). None when the enumeration exceeds ``max_states``
+    (except at the maximum N(k−1), whose probability is (k!)^(1−N): all blocks share one ranking). With
+    ties in the data the observed χ²_F is smaller than any untied value it stands for, so p is conservative.
+    """
+    if k < 2 or n < 1:
+        return None
+    if degenerate(chi2, n, k):
+        return float(math.exp((1 - n) * math.lgamma(k + 1)))
+    size = n * (k - 1) + 1
+    if k > 6 or size ** (k - 1) > max_states:
+        return None
+    perms = np.array(list(itertools.permutations(range(k))))[:, : k - 1]
+    dist = np.zeros((size,) * (k - 1))
+    dist[(0,) * (k - 1)] = 1.0
+    for block in range(n):
+        used = block * (k - 1) + 1
+        src = dist[(slice(0, used),) * (k - 1)].copy()
+        dist[:] = 0.0
+        for p in perms:
+            dist[tuple(slice(o, o + used) for o in p)] += src
+        dist /= len(perms)
+    sums = [g + n for g in np.indices(dist.shape)]  # ranks 1..k: S_j = n + Σ (rank − 1)
+    last = n * k * (k + 1) / 2 - sum(sums)
+    stat = 12.0 / (n * k * (k + 1)) * (sum(s**2 for s in sums) + last**2) - 3.0 * n * (k + 1)
+    return float(min(1.0, dist[stat >= chi2 - 1e-9].sum()))
 
 
 # --- Nemenyi -----------------------------------------------------------------------------------------
@@ -126,36 +169,52 @@ def holm(pvalues: list[float]) -> list[float]:
 
 # --- effect size -----------------------------------------------------------------------------------
 
-def bootstrap_mean_ci(diffs: np.ndarray, seed: int = BOOTSTRAP_SEED, level: float = 0.95,
-                      n_resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``diffs`` (resampling blocks), seeded."""
-    diffs = np.asarray(diffs, dtype=float)
-    if len(diffs) < 2 or np.allclose(diffs, diffs[0]):
-        return float(diffs.mean()), float(diffs.mean())
-    res = stats.bootstrap((diffs,), np.mean, n_resamples=n_resamples, confidence_level=level,
-                          method="percentile", rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+def t_interval(diffs: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Student-t interval of the mean of ``diffs``: mean ± t_{(1+level)/2, N−1}·s/√N (NaN below 2 values)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return math.nan, math.nan
+    half = float(stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return float(d.mean() - half), float(d.mean() + half)
+
+
+def standardised_effect(diffs: np.ndarray) -> float:
+    """Cohen's d_z = mean / s of paired differences (NaN below 2 values or when s = 0)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return math.nan
+    return float(d.mean() / d.std(ddof=1))
 
 
 # --- cliques ---------------------------------------------------------------------------------------
 
 def cliques(avg_ranks: Mapping[str, float], significant_pair_fn: Callable[[str, str], bool]) -> list[list[str]]:
-    """Groups of methods joined by a bar in a critical-difference diagram.
+    """Groups of methods joined in a critical-difference diagram: every maximal set of ≥ 2 methods with no
+    significant pair (the maximal cliques of the "not significantly different" graph, Bron–Kerbosch).
 
-    A clique is a maximal run of ≥ 2 methods, contiguous in average-rank order (ties: input order), in
-    which no pair differs significantly; runs contained in another run are dropped. A chain A~B, B~C,
-    A≁C gives two cliques {A, B} and {B, C}, never {A, B, C}.
+    Members are listed in average-rank order (ties: input order), groups by their members' positions. Under
+    Nemenyi the groups are runs contiguous in rank order; under Wilcoxon–Holm a group may skip a method
+    between its members (A ~ C while B, ranked between them, differs from both). A chain A~B, B~C, A≁C
+    gives {A, B} and {B, C}, never {A, B, C}.
     """
     names = sorted(avg_ranks, key=lambda m: avg_ranks[m])  # stable: ties keep the input order
-    runs: list[tuple[int, int]] = []
-    for i in range(len(names)):
-        j = i
-        while j + 1 < len(names) and not any(significant_pair_fn(names[a], names[j + 1]) for a in range(i, j + 1)):
-            j += 1
-        if j > i:
-            runs.append((i, j))
-    maximal = [r for r in runs if not any(o != r and o[0] <= r[0] and r[1] <= o[1] for o in runs)]
-    return [names[i:j + 1] for i, j in maximal]
+    pos = {m: i for i, m in enumerate(names)}
+    near = {a: {b for b in names if b != a and not significant_pair_fn(a, b)} for a in names}
+    found: list[list[str]] = []
+
+    def expand(group: set, candidates: set, excluded: set) -> None:
+        if not candidates and not excluded:
+            if len(group) >= 2:
+                found.append(sorted(group, key=pos.get))
+            return
+        pivot = max(candidates | excluded, key=lambda u: (len(near[u] & candidates), -pos[u]))
+        for v in sorted(candidates - near[pivot], key=pos.get):
+            expand(group | {v}, candidates & near[v], excluded & near[v])
+            candidates = candidates - {v}
+            excluded = excluded | {v}
+
+    expand(set(), set(names), set())
+    return sorted(found, key=lambda g: [pos[m] for m in g])
 
 
 # --- one analysis ----------------------------------------------------------------------------------
@@ -177,28 +236,44 @@ class Analysis:
         return self.result.get("avg_ranks", {})
 
 
-def block_matrices(frame: pd.DataFrame, metric: str, blocks: str) -> list[tuple[str, float | None, pd.DataFrame]]:
-    """(group label, fraction, blocks × methods matrix with NaN where a method has no result)."""
+def _existing(sub: pd.DataFrame, keys: list[str]) -> list[tuple]:
+    """The (dataset, fraction|seed) combinations some row has (any status): datasets in order of first
+    appearance, then ascending fraction or seed; a missing fraction stays NaN."""
+    datasets = ordered(sub["dataset"])
+    seen = dict.fromkeys((d, -1.0 if isinstance(v, float) and math.isnan(v) else v)
+                         for d, v in sub[keys].itertuples(index=False, name=None))
+    pairs = sorted(seen, key=lambda p: (datasets.index(p[0]), p[1]))
+    return [(d, math.nan if keys[1] == "fraction" and v == -1.0 else v) for d, v in pairs]
+
+
+def block_matrices(frame: pd.DataFrame, metric: str, blocks: str,
+                   methods: list[str] | None = None) -> list[tuple[str, float | None, pd.DataFrame]]:
+    """(group label, fraction, blocks × methods matrix with NaN where a method has no result).
+
+    A block exists when some compared method has a row for it (failed or not); combinations that no
+    method has are no blocks at all and are not counted.
+    """
     if blocks not in BLOCKS:
         raise BenchError(f"unknown blocks '{blocks}': choose one of {', '.join(BLOCKS)}")
+    methods = methods if methods is not None else ordered(frame["method"])
+    frame = frame[frame["method"].isin(methods)]
     ok = frame[frame["status"] == "ok"]
-    methods, datasets = ordered(frame["method"]), ordered(frame["dataset"])
     if blocks == "dataset-fraction":
-        keys = [(d, f) for d in datasets for f in fractions(frame)]
-        mean = {(d, fraction_label(f)): at_fraction(ok[ok["dataset"] == d], f).groupby("method")[metric].mean()
-                for d, f in keys}
-        matrix = pd.DataFrame({f"{d} @ {f}": s for (d, f), s in mean.items()}).T.reindex(columns=methods)
-        return [(ALL, None, matrix)]
+        keys = _existing(frame, ["dataset", "fraction"])
+        rows = [at_fraction(ok[ok["dataset"] == d], f).groupby("method")[metric].mean() for d, f in keys]
+        labels = [f"{d} @ {fraction_label(f)}" for d, f in keys]
+        return [(ALL, None, pd.DataFrame(rows, index=labels).reindex(columns=methods))]
     out = []
     for f in fractions(frame):
+        present = at_fraction(frame, f)
         sub = at_fraction(ok, f)
         if blocks == "dataset":
-            matrix = sub.groupby(["dataset", "method"])[metric].mean().unstack().reindex(datasets, columns=methods)
+            index = ordered(present["dataset"])
+            matrix = sub.groupby(["dataset", "method"])[metric].mean().unstack().reindex(index, columns=methods)
         else:
-            seeds = sorted(at_fraction(frame, f)["seed"].unique().tolist())
+            pairs = _existing(present, ["dataset", "seed"])
             grid = sub.groupby(["dataset", "seed", "method"])[metric].mean().unstack()
-            index = pd.MultiIndex.from_product([datasets, seeds], names=["dataset", "seed"])
-            matrix = grid.reindex(index, columns=methods)
+            matrix = grid.reindex(pd.MultiIndex.from_tuples(pairs, names=["dataset", "seed"]), columns=methods)
             matrix.index = [f"{d} / seed {s}" for d, s in matrix.index]
         matrix.index = matrix.index.astype(str)
         out.append((fraction_label(f), None if math.isnan(f) else f, matrix))
@@ -225,6 +300,7 @@ def analyse(values: pd.DataFrame, higher_is_better: bool, alpha: float = 0.05,
     ff, df1, df2, p_ff = iman_davenport(out["friedman"]["chi2"], n, k)
     out["iman_davenport"] = {"F": ff, "df1": df1, "df2": df2, "p": p_ff,
                              "significant": bool(not math.isnan(p_ff) and p_ff < alpha)}
+    out["omnibus"] = _omnibus(out["friedman"], out["iman_davenport"], alpha)
     q, cd = nemenyi_q(k, alpha), critical_difference(k, n, alpha)
     out["nemenyi"] = {"alpha": alpha, "q_alpha": q, "cd": cd}
     out["pairs"] = _pairs(values, ranks, cd, alpha, higher_is_better)
@@ -241,13 +317,23 @@ def _friedman(ranks: np.ndarray, avg: np.ndarray, values: pd.DataFrame) -> dict:
     n, k = ranks.shape
     chi2 = friedman_chi2(avg, n)
     out = {"chi2": chi2, "df": k - 1, "p": float(stats.chi2.sf(chi2, k - 1)),
-           "tie_correction": tie_correction(ranks)}
+           "tie_correction": tie_correction(ranks), "exact_p": friedman_exact_p(chi2, n, k),
+           "at_maximum": degenerate(chi2, n, k)}
     if k >= 3 and n >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = stats.friedmanchisquare(*values.to_numpy().T)
         out.update(scipy_chi2=float(res.statistic), scipy_p=float(res.pvalue))
     return out
+
+
+def _omnibus(friedman: dict, idv: dict, alpha: float) -> dict:
+    """The omnibus decision: the exact Friedman p where it was enumerated, Iman–Davenport's elsewhere."""
+    if friedman["exact_p"] is not None:
+        test, p = "Friedman exact", friedman["exact_p"]
+    else:
+        test, p = "Iman–Davenport", idv["p"]
+    return {"test": test, "p": p, "significant": bool(not math.isnan(p) and p < alpha)}
 
 
 def _pairs(values: pd.DataFrame, ranks: np.ndarray, cd: float, alpha: float, higher_is_better: bool) -> list[dict]:
@@ -261,7 +347,7 @@ def _pairs(values: pd.DataFrame, ranks: np.ndarray, cd: float, alpha: float, hig
             x, y = values[a].to_numpy(), values[b].to_numpy()
             diff = float(avg[i] - avg[j])
             stat, p = wilcoxon_p(x, y)
-            lo, hi = bootstrap_mean_ci(x - y, seed=BOOTSTRAP_SEED + len(pairs))
+            lo, hi = t_interval(x - y)
             signed = signed_rank_sum(x - y if higher_is_better else y - x)
             pairs.append({
                 "a": a, "b": b, "rank_diff": diff, "better": a if diff <= 0 else b, "worse": b if diff <= 0 else a,
@@ -269,6 +355,7 @@ def _pairs(values: pd.DataFrame, ranks: np.ndarray, cd: float, alpha: float, hig
                 "wilcoxon_statistic": stat, "wilcoxon_p": p,
                 "wilcoxon_better": a if signed >= 0 else b, "wilcoxon_worse": b if signed >= 0 else a,
                 "mean_diff": float(np.mean(x - y)), "ci_low": lo, "ci_high": hi,
+                "effect_dz": standardised_effect(x - y),
                 "a_wins": int(np.sum(ranks[:, i] < ranks[:, j])), "ties": int(np.sum(ranks[:, i] == ranks[:, j])),
                 "b_wins": int(np.sum(ranks[:, i] > ranks[:, j])),
             })
@@ -286,12 +373,16 @@ def signed_rank_sum(d: np.ndarray) -> float:
 
 
 def run_analyses(frame: pd.DataFrame, metric: str, higher_is_better: bool, blocks: str = "dataset",
-                 alpha: float = 0.05, clique_test: str = "nemenyi") -> list[Analysis]:
-    """One analysis per fraction (blocks ``dataset``/``dataset-seed``) or one overall (``dataset-fraction``)."""
+                 alpha: float = 0.05, clique_test: str = "nemenyi",
+                 methods: list[str] | None = None) -> list[Analysis]:
+    """One analysis per fraction (blocks ``dataset``/``dataset-seed``) or one overall (``dataset-fraction``).
+
+    ``methods`` restricts the comparison (e.g. without the reference methods); default: every method.
+    """
     if not 0.0 < alpha < 1.0:
         raise BenchError(f"alpha must lie between 0 and 1, got {alpha}")
     out = []
-    for group, fraction, matrix in block_matrices(frame, metric, blocks):
+    for group, fraction, matrix in block_matrices(frame, metric, blocks, methods):
         complete, excluded, no_result = complete_blocks(matrix)
         result = analyse(complete, higher_is_better, alpha, clique_test)
         result.update(group=group, fraction=fraction, blocks_total=len(matrix), blocks_used=len(complete),
@@ -306,8 +397,9 @@ def stats_document(analyses: list[Analysis], metric: str, higher_is_better: bool
     return json_safe({
         "metric": metric, "higher_is_better": higher_is_better, "blocks": blocks, "alpha": alpha,
         "clique_test": clique_test, "wilcoxon_zero_method": ZERO_METHOD, "multiple_comparisons": "holm",
-        "bootstrap": {"statistic": "mean difference over blocks", "method": "percentile", "confidence": 0.95,
-                      "n_resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
+        "interval": {"statistic": "mean difference over blocks", "method": "student t", "confidence": CI_LEVEL},
+        "effect_size": "d_z = mean / sd of the paired differences over blocks",
+        "omnibus": "exact Friedman p where enumerated, Iman–Davenport otherwise",
         "analyses": [a.result for a in analyses],
     })
 

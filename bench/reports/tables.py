@@ -84,7 +84,7 @@ def rank_table_model(t: RankTable, show_std: bool = True) -> Table:
     header = ["Method", *t.datasets, "Avg. rank ↓", f"Avg. {name} {arrow}"]
     marks = {d: podium(t.ranks[d], True) for d in t.datasets}
     marks["_rank"] = podium(t.avg_rank, True)
-    marks["_metric"] = podium(t.avg_metric, not t.higher_is_better)
+    marks["_metric"] = podium(t.avg_metric.drop(index=t.unranked), not t.higher_is_better)
     rows = []
     for m in t.methods:
         row = [Cell(m)]
@@ -102,7 +102,8 @@ def rank_table_model(t: RankTable, show_std: bool = True) -> Table:
     with_std = show_std and bool(t.std.notna().to_numpy().any())
     caption = (f"{name}{where}: seed-averaged {name}" + (" ± std over seeds" if with_std else "")
                + " with the rank per dataset in parentheses, average rank and average "
-               + f"{name} over the {len(t.ranked_datasets)} ranked datasets. Best in bold, second underlined.")
+               + f"{name} over the {len(t.ranked_datasets)} ranked datasets. Best in bold, second underlined."
+               + (" Reference methods are listed last, without a rank." if t.unranked else ""))
     notes = [f"{d} not ranked: no result for {', '.join(ms)}" for d, ms in t.excluded_datasets.items()]
     notes += [f"{m} has no result at this fraction" for m in t.excluded_methods]
     return Table(header, rows, caption, f"tab:ranks-{_slug(t.metric)}-{frac}", notes)
