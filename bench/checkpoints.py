@@ -63,8 +63,7 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = found.group(1) if found else "Python objects"
         raise BenchError(f"{path} holds pickled {what} that a weights-only load refuses; in a trusted environment "
-                         "save just the weights, e.g. torch.save(torch.load(p, weights_only=False)['state_dict'], "
-                         "'encoder.pth')") from None
+                         "re-save just its state dict (the tensors) as encoder.pth or .safetensors") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise BenchError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:120]})") from None
     flat: dict[str, Tensor] = {}
