@@ -355,12 +355,9 @@ class Store:
     def write_results(self, cell_ids: list[str] | None = None) -> pd.DataFrame:
         table = self.results_table(cell_ids)
         write_atomic(self.root / "results.csv", table.to_csv(index=False))
-        try:
-            buffer = io.BytesIO()
-            table.to_parquet(buffer, index=False)
-            write_atomic(self.root / "results.parquet", buffer.getvalue())
-        except ImportError:
-            pass
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)  # pyarrow is a declared dependency
+        write_atomic(self.root / "results.parquet", buffer.getvalue())
         return table
 
 
