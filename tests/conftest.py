@@ -65,3 +65,19 @@ def train_steps(method, batches: list, steps: int, lr: float = 0.1, momentum: fl
         method.after_optimizer_step(step)
         losses.append(loss.item())
     return losses
+
+
+# The smallest grid that runs every layer (one pretraining, two cells): shared by the CLI-level tests.
+TINY_SPEC = """
+name: tiny
+methods: [scratch, byol]
+datasets:
+  - {ref: synthetic-polyp, n: 20}
+fractions: [0.5]
+seeds: [0]
+backbone: resnet18
+init: scratch
+pretrain: {size: 32, steps: 2, batch_size: 4, optimizer: sgd, lr: 0.01}
+finetune: {size: 32, steps: 2, batch_size: 2, optimizer: adamw, lr: 0.001}
+precision: fp32
+"""

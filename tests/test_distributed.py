@@ -24,7 +24,7 @@ from bench.methods import mocov2, parse_method
 from bench.methods.dispersive import dispersive_loss
 from bench.runtime import Runtime
 from bench.spec import DatasetEntry, Schedule
-from tests.conftest import random_images
+from tests.conftest import TINY_SPEC, random_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -252,19 +252,7 @@ def test_batch_split_and_log_means(ranks):
     assert distributed.per_rank_batch(1) == 1 and distributed.rank_seed(7) == 7
 
 
-TINY = """
-name: tiny
-methods: [scratch, byol]
-datasets:
-  - {ref: synthetic-polyp, n: 20}
-fractions: [0.5]
-seeds: [0]
-backbone: resnet18
-init: scratch
-pretrain: {size: 32, steps: 2, batch_size: 4, optimizer: sgd, lr: 0.01}
-finetune: {size: 32, steps: 2, batch_size: 2, optimizer: adamw, lr: 0.001}
-precision: fp32
-"""
+TINY = TINY_SPEC
 
 
 def records(out: Path) -> dict[str, dict]:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.methods import GROUPS, REGISTRY, method_groups, parse_method
+from tests.conftest import TINY_SPEC
 
 NEW = ["simclr", "simsiam", "barlowtwins", "vicreg", "vicregl", "dino", "simmim", "spark", "concl", "ca2cl"]
 # the wide projectors (8192, 65536 prototypes) are narrowed to keep the CPU test short; the paper widths run in
@@ -22,19 +23,7 @@ SPECS = ["simclr", "simsiam:proj_dim=256", "barlowtwins:proj_dim=256", "vicreg:p
          "vicregl:proj_dim=256,maps_dim=64", "dino:out_dim=1024,local_crops=2", "simmim", "spark:decoder_width=128",
          "concl:warmup=0.0", "ca2cl"]
 
-TINY = """
-name: tiny-new
-methods: [scratch]
-datasets:
-  - {ref: synthetic-polyp, n: 20}
-fractions: [0.5]
-seeds: [0]
-backbone: resnet18
-init: scratch
-pretrain: {size: 32, steps: 2, batch_size: 4, optimizer: sgd, lr: 0.01}
-finetune: {size: 32, steps: 2, batch_size: 2, optimizer: adamw, lr: 0.001}
-precision: fp32
-"""
+TINY = TINY_SPEC.replace("name: tiny\nmethods: [scratch, byol]", "name: tiny-new\nmethods: [scratch]")
 PRESETS = Path(__file__).resolve().parents[1] / "benchmarks"
 runner = CliRunner()
 

@@ -26,22 +26,10 @@ from bench.files import checksum, load_weights, write_json
 from bench.interrupt import Terminated, exit_code, terminate_as_interrupt
 from bench.spec import BenchmarkSpec, DatasetEntry
 from bench.store import Store
+from tests.conftest import TINY_SPEC as TINY
 
 JOB = "byol-0123456789"
 
-TINY = """
-name: tiny
-methods: [scratch, byol]
-datasets:
-  - {ref: synthetic-polyp, n: 20}
-fractions: [0.5]
-seeds: [0]
-backbone: resnet18
-init: scratch
-pretrain: {size: 32, steps: 2, batch_size: 4, optimizer: sgd, lr: 0.01}
-finetune: {size: 32, steps: 2, batch_size: 2, optimizer: adamw, lr: 0.001}
-precision: fp32
-"""
 
 
 def spec_dict(**changes) -> dict:
