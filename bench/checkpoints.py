@@ -33,6 +33,7 @@ import torchvision
 from torch import Tensor, nn
 
 from bench.errors import BenchError
+from bench.files import load_weights
 from bench.models import create_backbone
 
 CKPT = "ckpt:"  # the init of an external encoder: ckpt:<absolute path>#sha256=<content hash>
@@ -58,14 +59,19 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
             raise BenchError(f"{path} is not a readable safetensors file ({err})") from None
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = found.group(1) if found else "Python objects"
-        raise BenchError(f"{path} holds pickled {what} that a weights-only load refuses; in a trusted environment "
-                         "re-save just its state dict (the tensors) as encoder.pth or .safetensors") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise BenchError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:120]})") from None
+            obj = load_weights(path)  # the one checkpoint reader (weights_only=True)
+    except BenchError as err:
+        cause = err.__context__  # what torch.load raised, if it raised (load_weights words it generically)
+        if isinstance(cause, pickle.UnpicklingError):
+            found = re.search(r"GLOBAL ([\w.]+)", str(cause))
+            what = found.group(1) if found else "Python objects"
+            raise BenchError(f"{path} holds pickled {what} that a weights-only load refuses; in a trusted "
+                             "environment re-save just its state dict (the tensors) as encoder.pth or "
+                             ".safetensors") from None
+        if isinstance(cause, Exception):
+            why = str(cause).strip().splitlines()[0][:120] if str(cause).strip() else type(cause).__name__
+            raise BenchError(f"{path} is not a readable PyTorch checkpoint ({why})") from None
+        raise  # not a dict of tensors
     flat: dict[str, Tensor] = {}
     _flatten(obj, "", flat)
     if not flat:

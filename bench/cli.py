@@ -145,7 +145,9 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (default: the usable cores)")] = None,
     force_new: Annotated[bool, typer.Option(help="Use --out even if it holds another spec's records")] = False,
-    workers: Annotated[int, typer.Option(help="Run independent jobs and cells in N local processes")] = 1,
+    workers: Annotated[str, typer.Option(
+        envvar="BENCH_WORKERS", help="Local processes for independent jobs and cells: N, or auto (CPU: one "
+        "single-threaded process per core, up to 4; GPU: 1)")] = "auto",
     executor: Annotated[str, typer.Option(help="local, slurm, or submitit-local (SLURM's path, run here)")] = "local",
     partition: Annotated[str | None, typer.Option(help="SLURM partition")] = None,
     time_min: Annotated[int, typer.Option("--time", help="SLURM time limit per task, minutes")] = 240,
@@ -168,13 +170,27 @@ def run(
              "keep_models": keep_models or None, "threads": threads}
     bench_spec = build_spec(spec, preset, flags, settings or [])
     slurm = {"timeout_min": time_min, "gpus_per_node": gpus, "mem_gb": mem_gb, "slurm_partition": partition}
-    how = Execution(out or Path("reports") / bench_spec.name, device, bench_spec.threads, force_new, workers,
-                    executor, slurm, diagnose, report, progress)
+    how = Execution(out or Path("reports") / bench_spec.name, device, bench_spec.threads, force_new,
+                    _workers(bench_spec, workers, device, executor), executor, slurm, diagnose, report, progress)
     with terminate_as_interrupt():  # SIGTERM (SLURM's stop) ends the run like Ctrl-C, exit 143
         try:
             _run(bench_spec, how)
         finally:
             distributed.shutdown()
+
+
+def _workers(spec, requested: str, device: str, executor: str) -> int:
+    """``--workers`` resolved (``bench.runtime.choose_workers``); 1 under torchrun and for SLURM."""
+    from bench import distributed
+    from bench.grid import build_grid
+    from bench.runner import baseline_skips
+    from bench.runtime import choose_workers, resolve_device, usable_cores
+
+    if requested.strip() == "auto" and (executor != "local" or distributed.launched_by_torchrun()):
+        return 1
+    grid = build_grid(spec, baseline_skips(spec))
+    return choose_workers(requested, resolve_device(device).type, usable_cores(), len(grid.jobs) + len(grid.cells),
+                          spec.threads)
 
 
 def _runtime(spec, how: Execution):
@@ -205,9 +221,11 @@ def _run(bench_spec, how: Execution) -> None:
     from bench.methods.external import external_reports  # LABEL=ckpt:PATH rows: what each file gave
 
     runtime = _runtime(bench_spec, how)
+    where = f"{how.workers} processes × {runtime.threads} thread(s)" if how.workers > 1 and how.executor == "local" \
+        else f"{runtime.threads} thread(s)"
     console.print(f"[bold]{bench_spec.name}[/bold]: {len(bench_spec.methods)} method(s) × "
                   f"{len(bench_spec.datasets)} dataset(s) × fractions {list(bench_spec.fractions)} × seeds "
-                  f"{list(bench_spec.seeds)} on {runtime.device} ({runtime.threads} threads) → {how.out}")
+                  f"{list(bench_spec.seeds)} on {runtime.device} ({where}) → {how.out}")
     for match in external_reports(bench_spec):
         console.print(f"external encoder {match.line()}", highlight=False)
     if how.executor == "local" and how.workers <= 1:
@@ -383,7 +401,8 @@ def diagnose(
 @app.command()
 @handle_errors
 def speed(
-    methods: Annotated[str, typer.Option(help="Method specs to time, comma-separated, or all")] = "all",
+    methods: Annotated[str, typer.Option(
+        help="Method specs to time, comma-separated; default (the default run's) or all")] = "default",
     backbone: Annotated[str, typer.Option(help="timm backbone")] = "resnet18",
     size: Annotated[int, typer.Option(help="Image size")] = 64,
     batch_size: Annotated[int, typer.Option(help="Batch size")] = 32,
@@ -394,9 +413,9 @@ def speed(
                               ] = False,
     reference: Annotated[bool, typer.Option(help="Also time the per-sample PIL + DataLoader pipeline")] = True,
     reference_workers: Annotated[int, typer.Option(help="DataLoader workers of the reference pipeline")] = 2,
-    warmup: Annotated[int, typer.Option(help="Untimed steps before the windows")] = 3,
-    windows: Annotated[int, typer.Option(help="Timed windows (median reported)")] = 5,
-    steps: Annotated[int, typer.Option(help="Steps per timed window")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed steps before the windows")] = 2,
+    windows: Annotated[int, typer.Option(help="Timed windows (median reported)")] = 3,
+    steps: Annotated[int, typer.Option(help="Steps per timed window")] = 2,
     out: Annotated[Path, typer.Option(help="Folder for speed.json")] = Path("reports/speed"),
 ) -> None:
     """Training throughput (images/s) per method and for fine-tuning at each precision: the data

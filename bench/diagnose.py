@@ -166,15 +166,11 @@ def diagnose_run(out: Path, seed: int = 0, max_pixels: int = 2000, max_images: i
     from bench.grid import build_grid
     from bench.models import create_backbone
     from bench.runner import DataCache, baseline_skips, dataset_label
-    from bench.spec import spec_from_dict
-    from bench.store import Store, read_json, write_atomic
+    from bench.status import open_run
+    from bench.store import write_atomic
 
-    path = Path(out) / "spec.json"
-    if not path.is_file():
-        raise BenchError(f"{out} is not a run folder (no spec.json); pass the --out folder of a bench run")
-    spec = spec_from_dict(read_json(path), where=str(path))
+    store, spec = open_run(out)
     grid = build_grid(spec, baseline_skips(spec))
-    store = Store(out)
     data = DataCache(spec, cache_dir)
     target = Path(out) / "diagnostics"
     frames, files = [], []

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -28,6 +27,10 @@ from torch import Tensor
 
 from bench.checkpoints import file_sha256, naming
 from bench.errors import BenchError
+
+if TYPE_CHECKING:
+    from bench.grid import PretrainJob
+    from bench.spec import BenchmarkSpec
 
 FORMATS = ("timm", "torchvision", "smp")
 SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -124,18 +127,18 @@ class Exported:
 def export_encoder(run: Path, method: str, fmt: str = "timm", out: Path | None = None,
                    job_id: str | None = None) -> Exported:
     """Export the pretrained backbone of ``method`` in the run folder ``run`` as ``fmt``, with its card."""
-    from bench.grid import config_hash
-    from bench.store import Store
+    from bench.grid import config_hash, slug
+    from bench.status import open_run
 
     run = Path(run)
-    spec, job = _find_job(run, method, job_id)
-    store = Store(run)
+    store, spec = open_run(run)
+    job = _find_job(spec, run, method, job_id)
     if not store.job_done(job.id):
         raise BenchError(f"the pretraining of {job.method.label} ({job.id}) has not finished in {run}; "
                          "run bench run first")
     state = store.load_checkpoint(job.id)["backbone"]
     target = convert(state, spec.backbone, fmt)
-    out = Path(out) if out is not None else run / "export" / f"{_slug(job.method.label)}-{fmt}.safetensors"
+    out = Path(out) if out is not None else run / "export" / f"{slug(job.method.label)}-{fmt}.safetensors"
     if out.suffix not in SUFFIXES:
         raise BenchError(f"--out {out} must end in {', '.join(SUFFIXES)}")
     write_weights(out, target.state, {"backbone": spec.backbone, "method": job.method.label, "target": fmt})
@@ -158,16 +161,11 @@ def export_encoder(run: Path, method: str, fmt: str = "timm", out: Path | None =
     return Exported(out, card_path, target, job.method.label, job.id)
 
 
-def _find_job(run: Path, method: str, job_id: str | None):
+def _find_job(spec: BenchmarkSpec, run: Path, method: str, job_id: str | None) -> PretrainJob:
+    """The pretrain job of ``method`` (a name or a label) in the spec of run folder ``run``."""
     from bench.grid import build_grid
     from bench.methods import parse_method
-    from bench.spec import spec_from_dict
-    from bench.store import read_json
 
-    path = run / "spec.json"
-    if not path.is_file():
-        raise BenchError(f"{run} is not a run folder (no spec.json); pass the --out folder of a bench run")
-    spec = spec_from_dict(read_json(path), where=str(path))
     try:
         wanted = parse_method(method)
     except BenchError:
@@ -188,7 +186,7 @@ def _find_job(run: Path, method: str, job_id: str | None):
     if len(jobs) > 1:
         raise BenchError(f"{method} has {len(jobs)} pretrained backbones in {run} (one per dataset or seed); "
                          f"pass --job with one of: {', '.join(j.id for j in jobs)}")
-    return spec, jobs[0]
+    return jobs[0]
 
 
 def _pretraining(job, config: dict[str, Any], digest: str) -> dict[str, Any]:
@@ -202,14 +200,17 @@ def _pretraining(job, config: dict[str, Any], digest: str) -> dict[str, Any]:
 
 
 def finetune_scores(results_csv: Path, label: str) -> list[dict[str, Any]]:
-    """Mean, std and number of seeds of each metric per (dataset, fraction) for ``label`` (ok cells)."""
+    """Mean, std and number of seeds of each metric per (dataset, fraction, fine-tuning protocol) for
+    ``label`` (ok cells); a run with both protocols gives one entry per protocol, never a pooled one."""
     if not results_csv.is_file():
         return []
     table = pd.read_csv(results_csv)
-    rows = table[(table["method"] == label) & (table["status"] == "ok")]
+    rows = table[(table["method"] == label) & (table["status"] == "ok")].copy()
+    rows["freeze"] = rows["freeze"].fillna("none") if "freeze" in rows else "none"
     scores = []
-    for (dataset, fraction), group in rows.groupby(["dataset", "fraction"]):
-        entry: dict[str, Any] = {"dataset": dataset, "fraction": float(fraction), "seeds": len(group)}
+    for (dataset, fraction, freeze), group in rows.groupby(["dataset", "fraction", "freeze"]):
+        entry: dict[str, Any] = {"dataset": dataset, "fraction": float(fraction), "freeze": str(freeze),
+                                 "seeds": len(group)}
         for metric in (m for m in SCORE_METRICS if m in group):
             values = pd.to_numeric(group[metric], errors="coerce").dropna()
             if len(values):
@@ -227,7 +228,3 @@ def _versions() -> dict[str, str]:
 
     return {"bench": bench.__version__, "torch": torch.__version__, "timm": timm.__version__,
             "torchvision": torchvision.__version__}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")[:60]

@@ -8,16 +8,19 @@ The grid is also the one place that reads a method's label flags (``reads_labels
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from bench.checkpoints import file_sha256
 from bench.methods import MethodSpec, parse_method
 from bench.methods.external import finetune_init
 from bench.protocol import PROTOCOL_VERSION
-from bench.spec import BenchmarkSpec, DatasetEntry, Schedule
+from bench.spec import INITS, BenchmarkSpec, DatasetEntry, Schedule
 
 POOLED = "pooled:"  # ref prefix of the generalisation protocol's block: pooled:{"train": [...], "test": [...]}
 
@@ -118,6 +121,22 @@ def pool_key(entry: DatasetEntry) -> str:
     return f"self:{entry.ref}" + (f"?n={entry.n}" if entry.n else "") if entry.pool == "self" else entry.pool
 
 
+def init_identity(init: str) -> str:
+    """A pretraining ``init`` as it enters a job's identity: ``scratch`` and ``imagenet`` by name, a
+    checkpoint file by its content, ``sha256:<hex>`` (``bench.checkpoints.file_sha256``, the hash that
+    identifies external encoders too).
+
+    A changed file at the same path is a new job (and so are the cells fine-tuned from it). The path
+    is left out on purpose: the weights a job starts from are the file's bytes, so the same file
+    moved, renamed or copied elsewhere is the same job and a rerun reuses its checkpoint instead of
+    pretraining again. The path stays in the spec (``spec.json``, ``run.json``) and in ``PretrainJob.init``,
+    from which the job reads the file. (An external encoder's row, ``LABEL=ckpt:PATH``, keeps its path in
+    its method config as well: that is the method's identity, not this one.)"""
+    if init in INITS:
+        return init
+    return "sha256:" + file_sha256(Path(init).expanduser())
+
+
 def label_use(method: MethodSpec, fraction: float, seed: int, pretrain_seed: int) -> LabelUse | None:
     """How a job of ``method`` for the cell (fraction, seed) sees labels (None: it reads none)."""
     cls = method.cls
@@ -153,7 +172,8 @@ def build_grid(spec: BenchmarkSpec, skip: dict[str, str] | None = None) -> Grid:
                     job = _job_for(spec, method, entry, fraction, seed)
                     if job is not None:
                         job = jobs.setdefault(job.id, job)
-                    cells.append(_cell(spec, method, entry, fraction, seed, job))
+                    for freeze in spec.finetune.protocols():  # the job is shared: it does not depend on freeze
+                        cells.append(_cell(spec, method, entry, fraction, seed, job, freeze))
     return Grid(tuple(jobs.values()), tuple(cells), tuple(left_out))
 
 
@@ -170,7 +190,7 @@ def _job_for(spec: BenchmarkSpec, method: MethodSpec, entry: DatasetEntry, fract
         "method": method.resolved(),
         "pool": pool_key(entry),
         "backbone": spec.backbone,
-        "init": spec.init,
+        "init": init_identity(spec.init),
         "schedule": spec.pretrain.identity("pretrain"),
         "seed": pretrain_seed,
         "labels": None if labels is None else {
@@ -185,8 +205,11 @@ def _job_for(spec: BenchmarkSpec, method: MethodSpec, entry: DatasetEntry, fract
 
 
 def _cell(spec: BenchmarkSpec, method: MethodSpec, entry: DatasetEntry, fraction: float, seed: int,
-          job: PretrainJob | None) -> FinetuneCell:
+          job: PretrainJob | None, freeze: str) -> FinetuneCell:
+    """One finetune cell under one fine-tuning protocol (``freeze``: none | backbone): its schedule is the
+    spec's with that one value, so a single-protocol spec's cells keep the ids they always had."""
     init = finetune_init(method, spec) if job is None else None
+    schedule = dataclasses.replace(spec.finetune, freeze=freeze)
     config = {
         "kind": "finetune",
         "protocol": PROTOCOL_VERSION,
@@ -196,11 +219,11 @@ def _cell(spec: BenchmarkSpec, method: MethodSpec, entry: DatasetEntry, fraction
         "dataset": dataset_key(entry, spec.split_seed),
         "fraction": fraction,
         "seed": seed,
-        "schedule": spec.finetune.identity("finetune"),
+        "schedule": schedule.identity("finetune"),
         "eval": spec.eval,
     }
     where = "pooled" if is_pooled(entry) else entry.ref.split("/")[-1]
     name = slug(f"{method.label}_{where}_f{fraction:g}_s{seed}")
     return FinetuneCell(f"{name}-{config_hash(config)}", method, entry, fraction, seed,
-                        None if job is None else job.id, config, spec.backbone, init, spec.finetune, spec.eval,
+                        None if job is None else job.id, config, spec.backbone, init, schedule, spec.eval,
                         method.cls.reference, spec.keep_predictions, spec.keep_models)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from bench.errors import BenchError
+from bench.files import load_weights
 
 
 def create_backbone(name: str, pretrained: bool = False, output_stride: int | None = None) -> nn.Module:
@@ -119,7 +120,9 @@ def load_checkpoint(model: SegmentationModel, path: Path) -> None:
     """Strict load of an exported backbone (and, if present, the pretrained ASPP head: CP2)."""
     if not path.is_file():
         raise BenchError(f"checkpoint {path} does not exist; rerun pretraining or pass an existing file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)  # the one checkpoint reader (weights_only=True, one-line errors)
+    if not isinstance(state.get("backbone"), dict):
+        raise BenchError(f"checkpoint {path} holds no 'backbone' weights; pass a file written by pretraining")
     model.backbone.load_state_dict(state["backbone"], strict=True)
     if "head" in state:
         load_aspp(model.head, state["head"])

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from bench.methods import build_method
 from bench.methods.base import Method, PretrainContext
 from bench.metrics import segmentation_metrics, summarize
 from bench.models import build_segmentation_model, create_backbone, dice_bce_loss, feature_channels, load_aspp
-from bench.runtime import Runtime, sync
+from bench.runtime import SCREEN_IMAGES, Runtime, sync
 from bench.spec import Schedule
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def pretrain(job: PretrainJob, data: PretrainData, runtime: Runtime, progress: P
     (``schedule.batch_size``) is split over the ranks, gradients are averaged (DDP), and the loss and
     logs are the global ones (all-reduced on log steps). Every rank returns the same weights.
     """
-    schedule, device, seed = job.schedule, runtime.device, job.seed
+    schedule, device, seed = method_schedule(job), runtime.device, job.seed
     torch.manual_seed(seed)
     aligned = job.labels is not None and job.labels.aligned and data.labelled is not None
     source = data.labelled.images if aligned else data.pool
@@ -199,23 +199,42 @@ def pretrain(job: PretrainJob, data: PretrainData, runtime: Runtime, progress: P
     return PretrainResult(method.export(), log, seconds, steps * batch_size / max(seconds, 1e-9), steps, numerics)
 
 
+def method_schedule(job: PretrainJob) -> Schedule:
+    """The job's pretraining schedule with the fields its method sets itself (``Method.schedule_keys``)."""
+    keys = job.method.cls.schedule_keys
+    return replace(job.schedule, **{k: job.method.cfg[k] for k in keys}) if keys else job.schedule
+
+
 def _pretrain_trial(build: Callable[[], Method], schedule: Schedule, source: Tensor, label_masks: Tensor | None,
                     batch_size: int, seed: int) -> Callable[[str], None]:
     """One pretraining step at a given precision on a freshly built copy of the method (built on first
-    call, inside the runtime's RNG fork), on a fixed batch drawn with its own generator."""
-    box: dict[str, Any] = {}
+    call, inside the runtime's RNG fork), on a fixed batch drawn with its own generator; its
+    ``screen`` is the same on ``SCREEN_IMAGES`` images (``bench.runtime.measure_trial``)."""
+    def on(images: int) -> Callable[[str], None]:
+        box: dict[str, Any] = {}
 
-    def trial(precision: str) -> None:
-        if not box:
-            copy_ = build()
-            device = source.device
-            idx = torch.arange(min(distributed.per_rank_batch(batch_size), len(source)), device=device)
-            masks = None if label_masks is None else label_masks[idx % len(label_masks)]
-            gen = torch.Generator(device=device).manual_seed(seed)
-            box.update(method=copy_, views=copy_.make_views(source[idx], idx, gen, masks=masks),
-                       optimizer=make_optimizer([p for p in copy_.parameters() if p.requires_grad], schedule))
-        pretrain_step(box["method"], box["optimizer"], box["views"], 0, source.device, precision)
+        def trial(precision: str) -> None:
+            if not box:
+                copy_ = build()
+                device = source.device
+                idx = torch.arange(images, device=device)
+                masks = None if label_masks is None else label_masks[idx % len(label_masks)]
+                gen = torch.Generator(device=device).manual_seed(seed)
+                box.update(method=copy_, views=copy_.make_views(source[idx], idx, gen, masks=masks),
+                           optimizer=make_optimizer([p for p in copy_.parameters() if p.requires_grad], schedule))
+            pretrain_step(box["method"], box["optimizer"], box["views"], 0, source.device, precision)
 
+        return trial
+
+    full = min(distributed.per_rank_batch(batch_size), len(source))
+    return _with_screen(on(full), on, full)
+
+
+def _with_screen(trial: Callable[[str], None], on: Callable[[int], Callable[[str], None]],
+                 full: int) -> Callable[[str], None]:
+    """``trial`` with a ``screen``: the same step on ``SCREEN_IMAGES`` images (if fewer than ``full``)."""
+    if full > SCREEN_IMAGES:
+        trial.screen, trial.screen_batch = on(SCREEN_IMAGES), SCREEN_IMAGES  # type: ignore[attr-defined]
     return trial
 
 
@@ -394,20 +413,24 @@ def _train_mode(model: nn.Module, frozen: bool) -> None:
 def _finetune_trial(model: nn.Module, schedule: Schedule, images: Tensor, masks: Tensor, batch_size: int,
                     seed: int, frozen: bool) -> Callable[[str], None]:
     """One fine-tuning step at a given precision on a deep copy of the model (made on first call,
-    inside the runtime's RNG fork), on a fixed augmented batch drawn with its own generator."""
-    box: dict[str, Any] = {}
+    inside the runtime's RNG fork), on a fixed augmented batch drawn with its own generator; its
+    ``screen`` is the same on ``SCREEN_IMAGES`` images (``bench.runtime.measure_trial``)."""
+    def on(count: int) -> Callable[[str], None]:
+        box: dict[str, Any] = {}
 
-    def trial(precision: str) -> None:
-        if not box:
-            copy_ = copy.deepcopy(model)
-            _train_mode(copy_, frozen)
-            gen = torch.Generator(device=images.device).manual_seed(seed)
-            idx = torch.arange(batch_size, device=images.device) % len(images)
-            box.update(model=copy_, batch=augment.finetune_batch(images[idx], masks[idx], schedule.size, gen),
-                       optimizer=make_optimizer([p for p in copy_.parameters() if p.requires_grad], schedule))
-        finetune_step(box["model"], box["optimizer"], *box["batch"], images.device, precision)
+        def trial(precision: str) -> None:
+            if not box:
+                copy_ = copy.deepcopy(model)
+                _train_mode(copy_, frozen)
+                gen = torch.Generator(device=images.device).manual_seed(seed)
+                idx = torch.arange(count, device=images.device) % len(images)
+                box.update(model=copy_, batch=augment.finetune_batch(images[idx], masks[idx], schedule.size, gen),
+                           optimizer=make_optimizer([p for p in copy_.parameters() if p.requires_grad], schedule))
+            finetune_step(box["model"], box["optimizer"], *box["batch"], images.device, precision)
 
-    return trial
+        return trial
+
+    return _with_screen(on(batch_size), on, batch_size)
 
 
 def finetune_regulariser(schedule: Schedule) -> Callable[[list[Tensor]], Tensor] | None:

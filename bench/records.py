@@ -3,6 +3,7 @@ hardware, kept predictions in the layout the reports read, a job's loss log, a f
 
 from __future__ import annotations
 
+import os
 import platform
 import traceback
 from pathlib import Path
@@ -21,13 +22,14 @@ def environment() -> dict[str, Any]:
     import torchvision
 
     import bench
+    from bench.runtime import cpu_model, usable_cores
 
     return {
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                      "timm": timm.__version__, "lightly": lightly.__version__, "bench": bench.__version__,
                      "python": platform.python_version(), "git_commit": git_commit()},
-        "hardware": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                     "cpus": torch.get_num_threads(),
+        "hardware": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                     "usable_cores": usable_cores(), "threads": torch.get_num_threads(),
                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
 

@@ -41,6 +41,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 BF16_MARGIN = 0.10  # bf16 must be ≥ 10% faster than fp32 to be chosen: below that, fp32 is as fast and exact
 TRIAL_WARMUP = 2  # untimed calls of trial(p) per candidate (building the copy, kernel selection)
 TRIAL_REPEATS = 3  # timed calls per candidate, interleaved across candidates; the median counts
+SCREEN_RATIO = 3.0  # a candidate this much slower than the fastest on the screening batch is not timed further
+SCREEN_IMAGES = 4  # images of the screening step (``trial.screen``)
 CACHE_FILE = "precision.json"
 CACHE_VERSION = 1
 
@@ -135,12 +137,20 @@ def sync(device: torch.device) -> None:
 def measure_trial(trial: Trial, candidates: list[str], device: torch.device, batch: int = 1,
                   warmup: int = TRIAL_WARMUP, repeats: int = TRIAL_REPEATS) -> dict[str, float]:
     """images/s of each candidate: ``warmup`` untimed calls each, then ``repeats`` timed calls
-    interleaved across candidates (so a change of load hits both alike), median per candidate.
+    interleaved across candidates (so a change of load hits both alike), median per candidate. A trial
+    with a ``screen`` is screened first (``_screen``); when one candidate is left, the screening
+    figures (images/s on ``trial.screen_batch`` images) are returned for all.
     ``batch``: images per call (1 gives calls per second). The RNG state is restored afterwards, so
     measuring does not change the run's numbers."""
-    seconds: dict[str, list[float]] = {p: [] for p in candidates}
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
+        screened = _screen(trial, candidates, device)
+        if screened is not None:
+            kept, screen_rates = screened
+            if len(kept) == 1:
+                return screen_rates
+            candidates = kept
+        seconds: dict[str, list[float]] = {p: [] for p in candidates}
         for p in candidates:
             for _ in range(warmup):
                 trial(p)
@@ -152,6 +162,33 @@ def measure_trial(trial: Trial, candidates: list[str], device: torch.device, bat
                 sync(device)
                 seconds[p].append(time.perf_counter() - start)
     return {p: batch / max(statistics.median(s), 1e-9) for p, s in seconds.items()}
+
+
+def _screen(trial: Trial, candidates: list[str], device: torch.device
+            ) -> tuple[list[str], dict[str, float]] | None:
+    """A quick first look on a few images (``trial.screen``, a step on ``trial.screen_batch`` images,
+    when the trial has one): one untimed and one timed call per candidate. Candidates more than
+    ``SCREEN_RATIO`` slower than the fastest are dropped — e.g. bf16 emulated in software, 27× slower
+    than fp32 on one EPYC, whose full trial alone would have cost minutes. Returns (kept, images/s on
+    the screening batch), or None without a screen or when it fails (then every candidate is timed)."""
+    screen = getattr(trial, "screen", None)
+    if screen is None or len(candidates) < 2:
+        return None
+    seconds: dict[str, float] = {}
+    try:
+        for p in candidates:
+            screen(p)
+            sync(device)
+            start = time.perf_counter()
+            screen(p)
+            sync(device)
+            seconds[p] = max(time.perf_counter() - start, 1e-9)
+    except Exception:  # noqa: BLE001 - a method that cannot step on a few images: time the full batch
+        return None
+    fastest = min(seconds.values())
+    kept = [p for p in candidates if seconds[p] <= SCREEN_RATIO * fastest]
+    images = int(getattr(trial, "screen_batch", 1))
+    return kept, {p: images / t for p, t in seconds.items()}
 
 
 class PrecisionCache:
@@ -288,6 +325,36 @@ def choose_threads(requested: int | None, affinity_cores: int, cgroup_quota_core
     if cgroup_quota_cores is not None:
         cores = min(cores, max(1, math.floor(cgroup_quota_cores)))
     return max(1, cores // max(1, processes))
+
+
+MAX_AUTO_WORKERS = 4  # beyond this, memory (a data and model copy per process) outweighs the gain
+
+
+def choose_workers(requested: str | int, device_type: str, usable_cores: int, items: int,
+                   threads: int | None = None) -> int:
+    """Local worker processes of ``bench run``: ``requested`` when a number, else (``auto``) one
+    single-threaded process per usable core on a CPU (at most ``MAX_AUTO_WORKERS`` and no more than
+    there are jobs and cells), one process on a GPU or when ``threads`` were asked for.
+
+    Why processes, not threads, on a CPU: at the sizes of small benchmarks a training step is many
+    small kernels whose parallel regions scale poorly, so two one-thread processes did 1.6× the
+    images/s of one two-thread process on a 2-core machine (bench speed, docs/architecture.md); and a
+    one-thread process never spins against a competing program."""
+    if isinstance(requested, int) or str(requested).strip().isdigit():
+        count = int(requested)
+        if count < 1:
+            raise BenchError(f"--workers {count}: give a number of processes ≥ 1, or auto")
+        return count
+    if str(requested).strip() != "auto":
+        raise BenchError(f"--workers {requested!r}: give a number of processes ≥ 1, or auto")
+    if device_type != "cpu" or threads is not None:
+        return 1
+    return max(1, min(int(usable_cores), MAX_AUTO_WORKERS, int(items)))
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its affinity mask capped by the cgroup quota (at least 1)."""
+    return choose_threads(None, affinity_cores(), cgroup_quota_cores())
 
 
 def openmp_runtime(maps: str | None = None) -> str:

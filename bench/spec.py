@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 EVAL_MODES = ("native", "resized")  # score at each image's original resolution, or at the working size
 INITS = ("scratch", "imagenet")
 OPTIMIZERS = ("sgd", "adamw", "adam")
+FREEZE_MODES = ("none", "backbone")  # fine-tuning protocols: full fine-tuning | frozen backbone (head only)
 FINETUNE_ONLY = ("reg", "reg_weight", "reg_variant", "reg_layer", "freeze")
 
 
@@ -39,7 +40,9 @@ class Schedule:
     reg_weight: float = 0.6
     reg_variant: str = "l2"
     reg_layer: str = "early"
-    freeze: str = "none"  # finetune: none | backbone (train the head only: linear-probe style)
+    # finetune: none | backbone (train the head only: linear-probe style), or a list of them: the grid
+    # then holds every cell once per protocol (``protocols``)
+    freeze: str | tuple[str, ...] = "none"
 
     def num_steps(self, num_images: int) -> int:
         """Optimiser steps for a set of ``num_images`` images (at least one)."""
@@ -49,13 +52,21 @@ class Schedule:
         per_epoch = max(1, -(-num_images // self.batch_size))
         return max(1, round(epochs * per_epoch))
 
+    def protocols(self) -> tuple[str, ...]:
+        """The fine-tuning protocols asked for: ``freeze`` as a tuple (one element for a single value)."""
+        return self.freeze if isinstance(self.freeze, tuple) else (self.freeze,)
+
     def identity(self, phase: str) -> dict[str, Any]:
         """The fields that identify a training run of ``phase`` ("pretrain" or "finetune"): pretraining
         leaves out the fine-tuning-only fields (reg*, freeze); fine-tuning leaves out ``freeze`` while
-        it is "none", so cells made before the field existed keep their ids."""
+        it is "none", so cells made before the field existed keep their ids. A fine-tuning schedule of
+        several protocols has no identity of its own: each cell's is that of its one protocol."""
         values = dataclasses.asdict(self)
         if phase == "pretrain":
             return {k: v for k, v in values.items() if k not in FINETUNE_ONLY}
+        if isinstance(values["freeze"], tuple):
+            raise ValueError("identity of a schedule with several fine-tuning protocols: take one, "
+                             "dataclasses.replace(schedule, freeze=protocol)")
         if values["freeze"] == "none":
             del values["freeze"]
         return values
@@ -304,7 +315,21 @@ def _schedule(raw: Any, where: str) -> Schedule:
     if unknown:
         raise BenchError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
     floats = ("lr", "weight_decay", "epochs", "reg_weight")
-    return Schedule(**{k: _as_float(v) if k in floats else v for k, v in raw.items()})
+    values = {k: _as_float(v) if k in floats else v for k, v in raw.items()}
+    if "freeze" in values:
+        values["freeze"] = _freeze(values["freeze"])
+    return Schedule(**values)
+
+
+def _freeze(value: Any) -> Any:
+    """``freeze`` as given: one protocol (a string), or a list of them (YAML list, ``none,backbone``) as
+    a tuple; a list of one is that string, so ``[backbone]`` and ``backbone`` are the same spec."""
+    if isinstance(value, str) and "," in value:
+        value = _as_list(value)
+    if isinstance(value, (list, tuple)):
+        value = tuple(value)
+        return value[0] if len(value) == 1 and isinstance(value[0], str) else value
+    return value
 
 
 def _dataset_entry(raw: Any, where: str) -> DatasetEntry:

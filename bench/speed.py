@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,20 @@ from bench import augment
 from bench.errors import BenchError
 from bench.methods import REGISTRY, method_names, parse_method, split_method_list
 from bench.protocol import build_pretrain_method, finetune_step, make_optimizer, pretrain_step
-from bench.runtime import Runtime, choose_precision, compile_break_even, compile_pays, precision_candidates, sync
+from bench.runtime import (
+    SCREEN_IMAGES,
+    SCREEN_RATIO,
+    Runtime,
+    choose_precision,
+    compile_break_even,
+    compile_pays,
+    precision_candidates,
+    sync,
+)
 from bench.spec import Schedule
 
 DATA_PATH, COMPUTE_ONLY = "batched-tensor", "compute-only"
+SCREENED = "screened"  # a precision far slower on a first look (screen_precisions): one step on a few images
 
 
 @dataclass
@@ -73,9 +83,9 @@ class Settings:
     size: int
     batch: int
     runtime: Runtime
-    warmup: int = 3
-    windows: int = 5
-    steps_per_window: int = 3
+    warmup: int = 2
+    windows: int = 3
+    steps_per_window: int = 2
 
     def __post_init__(self) -> None:
         for name, low in (("size", 8), ("batch", 2), ("warmup", 1), ("windows", 1), ("steps_per_window", 1)):
@@ -101,10 +111,15 @@ def timed(step: Callable[[], None], device: torch.device, warmup: int, windows: 
     return Timing(warmup_s, out)
 
 
-def speed_methods(text: str = "all") -> list[str]:
-    """``all``: every registered method that pretrains; otherwise the comma-separated specs."""
+def speed_methods(text: str = "default") -> list[str]:
+    """``default``: the methods of the default run (the quick preset) that pretrain; ``all``: every
+    registered method that pretrains; otherwise the comma-separated specs."""
     if text.strip() == "all":
         return [name for name in method_names() if REGISTRY[name].pretrains]
+    if text.strip() == "default":
+        from bench.spec import load_preset
+
+        return [m for m in load_preset("quick").methods if parse_method(m).cls.pretrains]
     return split_method_list(text)
 
 
@@ -248,18 +263,39 @@ def reference_speed(images: torch.Tensor, s: Settings, workers: int = 2) -> Spee
 
 # --- one whole measurement ------------------------------------------------------------------------
 
-def time_phase(method: str, phase: str, make_steps: Callable[[str, bool], tuple[Callable, Callable]],
-               s: Settings, default_images: int | None = None) -> list[SpeedRecord]:
-    """Every row of one method (or of fine-tuning): each precision eager, then — with compile — the
-    precision ``auto`` chooses (or the one asked) compiled."""
-    rows: list[SpeedRecord] = []
-    for precision in precisions_to_time(s.runtime):
-        rows += _time_pair(s, method, phase, precision, make_steps(precision, False), compiled=False)
+Steps = Callable[[str, bool, Settings], tuple[Callable, Callable]]
+
+
+def screen_precisions(method: str, phase: str, make_steps: Steps, s: Settings) -> tuple[list[str], list[SpeedRecord]]:
+    """Every precision to time, after a first look on ``SCREEN_IMAGES`` images (one untimed and one
+    timed compute-only step each): one more than ``SCREEN_RATIO`` slower than the fastest is not timed
+    further (emulated bf16 took minutes per window on one EPYC) and gets a ``screened`` row instead."""
+    precisions = precisions_to_time(s.runtime)
+    if len(precisions) < 2 or s.batch <= SCREEN_IMAGES:
+        return precisions, []
+    small = replace(s, batch=SCREEN_IMAGES)
+    rows = {}
+    for precision in precisions:
+        _data_step, compute_step = make_steps(precision, False, small)
+        rows[precision] = _record(small, method, phase, precision,
+                                  timed(compute_step, s.runtime.device, 1, 1, 1), SCREENED)
+    fastest = max(r.images_per_s for r in rows.values())
+    kept = [p for p in precisions if rows[p].images_per_s * SCREEN_RATIO >= fastest]
+    return kept, [rows[p] for p in precisions if p not in kept]
+
+
+def time_phase(method: str, phase: str, make_steps: Steps, s: Settings,
+               default_images: int | None = None) -> list[SpeedRecord]:
+    """Every row of one method (or of fine-tuning): each precision eager (after ``screen_precisions``),
+    then — with compile — the precision ``auto`` chooses (or the one asked) compiled."""
+    kept, rows = screen_precisions(method, phase, make_steps, s)
+    for precision in kept:
+        rows += _time_pair(s, method, phase, precision, make_steps(precision, False, s), compiled=False)
     compute = {r.precision: r.images_per_s for r in rows if r.pipeline == COMPUTE_ONLY}
-    choice = choose_precision(compute, s.runtime.margin)
+    choice = choose_precision(compute, s.runtime.margin)  # screened-out precisions are far slower
     if s.runtime.compile:
         try:
-            rows += _time_pair(s, method, phase, choice, make_steps(choice, True), compiled=True)
+            rows += _time_pair(s, method, phase, choice, make_steps(choice, True, s), compiled=True)
         except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor: keep the eager rows
             reason = (str(err).strip().splitlines() or [""])[0]
             for r in rows:
@@ -306,9 +342,10 @@ def run_speed(methods: list[str], images: torch.Tensor, masks: torch.Tensor, s: 
     for text in methods:
         status(f"timing pretraining of {text}")
         records += time_phase(parse_method(text).label, "pretrain",
-                              lambda p, c, text=text: pretrain_steps(text, images, s, p, c), s, budget["pretrain"])
+                              lambda p, c, st, text=text: pretrain_steps(text, images, st, p, c), s,
+                              budget["pretrain"])
     status("timing fine-tuning")
-    records += time_phase("segmentation", "finetune", lambda p, c: finetune_steps(images, masks, s, p, c), s,
+    records += time_phase("segmentation", "finetune", lambda p, c, st: finetune_steps(images, masks, st, p, c), s,
                           budget["finetune"])
     if reference:
         status("timing the per-sample PIL reference pipeline")
@@ -335,6 +372,9 @@ def summary_rows(records: list[SpeedRecord]) -> list[dict[str, str]]:
                                       "compile s": "", "pays after": ""})
         if r.pipeline == COMPUTE_ONLY:
             line["compute only"] = _fmt(r.images_per_s)
+            continue
+        if r.pipeline == SCREENED:
+            line["data path"] = f"not timed: {_fmt(r.images_per_s)} on {r.batch_size} images"
             continue
         line["data path"] = _fmt(r.images_per_s) + ("" if r.pipeline == DATA_PATH else " (PIL)")
         line["overhead"] = _fmt(None if r.data_path_overhead is None else 100 * r.data_path_overhead, "{:+.0f}%")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.spec import EVAL_MODES, INITS, OPTIMIZERS, PRECISIONS, BenchmarkSpec, DatasetEntry, Schedule
+from bench.spec import EVAL_MODES, FREEZE_MODES, INITS, OPTIMIZERS, PRECISIONS, BenchmarkSpec, DatasetEntry, Schedule
 
 
 def validate_spec(spec: BenchmarkSpec, resources: bool = True) -> None:
@@ -196,7 +196,24 @@ def _check_schedule(sched: Any, where: str) -> None:
         "warmup_steps": {"integer": True, "low": 0}, "reg_weight": {"low": 0}}
     for key, rule in numbers.items():
         _number(f"{where}.{key}", getattr(sched, key), **rule)
-    choices = {"optimizer": OPTIMIZERS, "reg": ("none", "disp"), "reg_variant": VARIANTS, "reg_layer": LAYERS,
-               "freeze": ("none", "backbone")}
+    choices = {"optimizer": OPTIMIZERS, "reg": ("none", "disp"), "reg_variant": VARIANTS, "reg_layer": LAYERS}
     for key, options in choices.items():
         _choice(f"{where}.{key}", getattr(sched, key), tuple(options))
+    _check_freeze(sched.freeze, f"{where}.freeze", several=where == "finetune")
+
+
+def _check_freeze(value: Any, where: str, several: bool) -> None:
+    """One fine-tuning protocol, or (fine-tuning only) a non-empty list of distinct ones."""
+    if not isinstance(value, (list, tuple)):
+        _choice(where, value, FREEZE_MODES)
+        return
+    if not several:
+        raise BenchError(f"{where}: {list(value)!r} is a list; pretraining takes one value (it is ignored there), "
+                         f"accepts {', '.join(FREEZE_MODES)}")
+    if not value:
+        raise BenchError(f"{where}: the list names no protocol; accepts {', '.join(FREEZE_MODES)} or a list of "
+                         "them, e.g. [none, backbone]")
+    for i, mode in enumerate(value):
+        _choice(f"{where}[{i}]", mode, FREEZE_MODES)
+        if mode in value[:i]:
+            raise BenchError(f"{where}: {mode!r} is listed twice; list each protocol once, e.g. [none, backbone]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from bench.models import create_backbone, feature_channels
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 torch.set_num_threads(2)
+# `bench run` in tests runs in-process, sequentially (one worker: progress, errors and timings are
+# those of the sequential path); `--workers auto` and the pool are tested on their own.
+os.environ.setdefault("BENCH_WORKERS", "1")
 
 
 def requires_shared_data():

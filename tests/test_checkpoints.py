@@ -4,7 +4,9 @@ incomplete or foreign checkpoints are refused in one line, and external encoders
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
+import bench
 from bench import protocol
 from bench.checkpoints import backbone_for_init, external_init, file_sha256, load_init, load_into, read_encoder
 from bench.cli import app
@@ -179,6 +182,31 @@ def test_unsafe_pickles_and_missing_files_are_refused(tmp_path):
         read_encoder(path, "resnet18")
     with pytest.raises(BenchError, match="does not exist"):
         read_encoder(tmp_path / "absent.pth", "resnet18")
+
+
+def test_corrupt_files_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "truncated.pth"
+    torch.save({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(BenchError, match="is not a readable PyTorch checkpoint") as err:
+        read_encoder(path, "resnet18")
+    assert len(str(err.value).splitlines()) == 1 and str(path) in str(err.value)
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(BenchError, match="not a state dict"):
+        read_encoder(path, "resnet18")
+
+
+def test_the_package_calls_torch_load_in_one_place():
+    """Every checkpoint of the package is read by ``bench.files.load_weights`` (weights_only=True)."""
+    calls = []
+    for source in sorted(Path(bench.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                calls.append(f"{source.name}:{node.lineno}")
+                assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                           for k in node.keywords), calls[-1]
+    assert [c.split(":")[0] for c in calls] == ["files.py"], calls
 
 
 def test_a_changed_file_is_a_new_row_and_refused_under_the_old_identity(resnet, tmp_path):

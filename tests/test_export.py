@@ -143,7 +143,7 @@ def test_card_says_where_the_weights_come_from(resnet_run, tmp_path):
     results = pd.read_csv(resnet_run / "results.csv")
     byol = results[results["method"] == "byol"]
     (score,) = card["finetune_scores"]
-    assert score["seeds"] == 2 and score["fraction"] == 0.5
+    assert score["seeds"] == 2 and score["fraction"] == 0.5 and score["freeze"] == "none"
     assert score["miou"]["mean"] == pytest.approx(byol["miou"].mean())
     assert score["miou"]["std"] == pytest.approx(byol["miou"].std())
     assert card["missing_keys_on_load"] == ["fc.bias", "fc.weight"] and "timm.create_model" in card["load"]
@@ -164,8 +164,32 @@ def test_export_refuses_in_one_line(args, words, resnet_run, tmp_path):
         assert word in error
 
 
+def test_export_outside_a_run_folder_says_what_status_says(tmp_path):
+    """A missing folder, or one without spec.json: the same one-line error (exit 2) as ``bench status``."""
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "absent", tmp_path / "empty"):
+        exported, status = bench("export", folder, "--method", "byol"), bench("status", folder)
+        assert exported.exit_code == status.exit_code == 2, exported.output
+        error = exported.stderr.strip()
+        assert len(error.splitlines()) == 1 and "is not a run folder" in error and "Traceback" not in exported.output
+        assert error == status.stderr.strip()
+    assert not (tmp_path / "absent").exists()
+
+
 def test_no_torchvision_twin_is_refused():
     state = create_backbone("efficientnet_b0").state_dict()
     with pytest.raises(BenchError, match="torchvision has no efficientnet_b0 twin"):
         convert(state, "efficientnet_b0", "torchvision")
     assert set(convert(state, "efficientnet_b0", "smp").state) == {f"model.{k}" for k in state}
+
+
+def test_card_scores_keep_the_two_protocols_apart(tmp_path):
+    from bench.export import finetune_scores
+
+    rows = [{"method": "byol", "status": "ok", "dataset": "d", "fraction": 0.1, "seed": s, "freeze": f,
+             "miou": 0.5 if f == "none" else 0.3} for s in (0, 1) for f in ("none", "backbone")]
+    csv = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    scores = {s["freeze"]: s for s in finetune_scores(csv, "byol")}
+    assert set(scores) == {"none", "backbone"} and all(s["seeds"] == 2 for s in scores.values())
+    assert scores["none"]["miou"]["mean"] == 0.5 and scores["backbone"]["miou"]["mean"] == 0.3

@@ -29,7 +29,8 @@ def labelled(n: int = 8, size: int = 48, seed: int = 0) -> tuple[torch.Tensor, t
 def test_flags_and_registry():
     spec = parse_method("supervised")
     cls = spec.cls
-    assert cls is Supervised and spec.cfg == {"export_head": True}
+    assert cls is Supervised and spec.cfg == {"export_head": True, "optimizer": "adamw", "lr": 0.003,
+                                              "weight_decay": 0.0001}
     assert cls.uses_labels and cls.trains_on_labelled and cls.reads_labels(spec.cfg)
     assert cls.label_fraction == 1.0 and cls.reference == "upper" and cls.group == "references"
     assert cls.pretrains and cls.output_stride == 16 and cls.recipe == "light"
@@ -94,3 +95,21 @@ def test_export_loads_backbone_and_aspp_into_the_finetune_model(tmp_path):
     assert all(torch.equal(own[k], v) for k, v in state["head"].items())
     assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in state["backbone"].items())
     assert set(build("supervised:export_head=false").export()) == {"backbone"}
+
+
+def test_it_trains_with_its_own_optimiser_not_the_ssl_schedules():
+    """The control is a segmentation network trained on every label: AdamW at the fine-tuning rate by
+    default, whatever the pretraining schedule's SGD; an override is part of its identity."""
+    from bench.grid import build_grid
+    from bench.protocol import method_schedule
+    from bench.spec import load_preset
+
+    spec = load_preset("quick")
+    assert spec.pretrain.optimizer == "sgd"
+    job = next(j for j in build_grid(spec).jobs if j.method.name == "supervised")
+    schedule = method_schedule(job)
+    assert (schedule.optimizer, schedule.lr) == ("adamw", 0.003) and schedule.steps == spec.pretrain.steps
+    other = parse_method("supervised:lr=0.01,optimizer=sgd")
+    assert (other.cfg["optimizer"], other.cfg["lr"]) == ("sgd", 0.01)
+    with pytest.raises(BenchError, match="optimizer"):
+        parse_method("supervised:optimizer=lamb")

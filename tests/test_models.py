@@ -42,3 +42,24 @@ def test_explicit_stride_and_undefined_strides():
         SegmentationModel(backbone)
     model = SegmentationModel(backbone, output_stride=16)  # a caller may still choose the rates
     assert atrous_dilations(model.head) == [(6, 6), (12, 12), (18, 18)]
+
+
+def test_a_checkpoint_file_init_is_read_by_the_one_loader(tmp_path, monkeypatch):
+    """``build_segmentation_model(backbone, PATH)`` reads PATH with ``bench.files.load_weights``:
+    weights only, one-line errors for an unreadable file or one without backbone weights."""
+    import bench.files
+    import bench.models
+
+    state = {"backbone": create_backbone("resnet18").state_dict()}
+    torch.save(state, tmp_path / "ok.pt")
+    seen = []
+    monkeypatch.setattr(bench.models, "load_weights", lambda path: seen.append(path) or bench.files.load_weights(path))
+    build_segmentation_model("resnet18", str(tmp_path / "ok.pt"))
+    assert seen == [tmp_path / "ok.pt"]
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(BenchError, match="cannot be read") as err:
+        build_segmentation_model("resnet18", str(tmp_path / "bad.pt"))
+    assert len(str(err.value).splitlines()) == 1
+    torch.save({"head": {}}, tmp_path / "headless.pt")
+    with pytest.raises(BenchError, match="no 'backbone' weights"):
+        build_segmentation_model("resnet18", str(tmp_path / "headless.pt"))

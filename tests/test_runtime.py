@@ -22,6 +22,7 @@ from bench.runtime import (
     Runtime,
     choose_precision,
     choose_threads,
+    choose_workers,
     compile_break_even,
     compile_pays,
     make_runtime,
@@ -64,6 +65,24 @@ def test_choose_threads_stays_within_affinity_and_quota():
     assert choose_threads(None, 8, None, processes=2) == 4
     assert choose_threads(None, 4, None, processes=3) == 1
     assert choose_threads(None, 2, None, processes=8) == 1
+
+
+def test_auto_workers_are_one_single_threaded_process_per_core_on_cpu_only():
+    assert choose_workers("auto", "cpu", 2, 76) == 2
+    assert choose_workers("auto", "cpu", 16, 76) == runtime.MAX_AUTO_WORKERS  # memory: a copy per process
+    assert choose_workers("auto", "cpu", 8, 3) == 3  # no idle processes for a grid of three items
+    assert choose_workers("auto", "cpu", 1, 76) == 1
+    assert choose_workers("auto", "cuda", 16, 76) == 1  # one process feeds the GPU
+    assert choose_workers("auto", "cpu", 8, 76, threads=4) == 1  # threads asked for: one process uses them
+    assert choose_threads(None, 2, None, processes=choose_workers("auto", "cpu", 2, 76)) == 1
+
+
+def test_requested_workers_override_and_are_checked():
+    assert choose_workers("3", "cuda", 2, 1) == 3
+    assert choose_workers(1, "cpu", 8, 76) == 1
+    for bad in ("0", "many", "-1"):
+        with pytest.raises(BenchError, match="--workers"):
+            choose_workers(bad, "cpu", 2, 10)
 
 
 def test_requested_threads_override_and_are_checked():
@@ -218,6 +237,49 @@ def test_measure_trial_interleaves_candidates_and_restores_the_rng():
     assert torch.equal(torch.rand(2), expected)
     assert order == ["fp32", "bf16", "fp32", "bf16", "fp32", "bf16"]
     assert set(rates) == {"fp32", "bf16"} and all(v > 0 for v in rates.values())
+
+
+def test_a_screen_drops_a_candidate_far_slower_on_a_few_images():
+    """Emulated bf16 (27× slower than fp32 on one EPYC) is dropped on the screening batch, so the full
+    batch is never stepped at bf16; close candidates both go on to the full trial."""
+    import time
+
+    calls: list[tuple[str, str]] = []
+
+    def make(slow: float):
+        def trial(p: str) -> None:
+            calls.append(("full", p))
+
+        def screen(p: str) -> None:
+            calls.append(("screen", p))
+            time.sleep(0.001 if p == "fp32" else 0.001 * slow)
+
+        trial.screen, trial.screen_batch = screen, 4
+        return trial
+
+    rates = runtime.measure_trial(make(20.0), ["fp32", "bf16"], CPU, batch=32, warmup=1, repeats=1)
+    assert ("full", "bf16") not in calls and ("full", "fp32") not in calls  # one left: screening decides
+    assert rates["fp32"] > runtime.SCREEN_RATIO * rates["bf16"]
+    assert runtime.choose_precision(rates) == "fp32"
+    calls.clear()
+    runtime.measure_trial(make(1.2), ["fp32", "bf16"], CPU, batch=32, warmup=1, repeats=1)
+    assert ("full", "bf16") in calls and ("full", "fp32") in calls
+
+
+def test_the_protocols_trials_screen_on_a_few_images():
+    from bench.protocol import _finetune_trial
+
+    model = nn.Sequential(nn.Conv2d(3, 1, 1))
+    images = torch.randint(0, 255, (10, 3, 16, 16), dtype=torch.uint8)
+    masks = torch.randint(0, 2, (10, 1, 16, 16), dtype=torch.uint8)
+    from bench.spec import Schedule
+
+    trial = _finetune_trial(model, Schedule(size=16), images, masks, 8, 0, False)
+    assert trial.screen_batch == runtime.SCREEN_IMAGES
+    trial.screen("fp32")
+    trial("fp32")
+    small = _finetune_trial(model, Schedule(size=16), images, masks, 4, 0, False)
+    assert not hasattr(small, "screen")  # nothing to screen: the batch is already that small
 
 
 # --- device helpers and make_runtime --------------------------------------------------------------

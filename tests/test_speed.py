@@ -14,7 +14,16 @@ from bench.cli import app
 from bench.errors import BenchError
 from bench.methods import REGISTRY, method_names
 from bench.runtime import Runtime
-from bench.speed import COMPUTE_ONLY, DATA_PATH, Settings, SpeedRecord, annotate, summary_rows, time_phase
+from bench.speed import (
+    COMPUTE_ONLY,
+    DATA_PATH,
+    SCREENED,
+    Settings,
+    SpeedRecord,
+    annotate,
+    summary_rows,
+    time_phase,
+)
 
 CPU = torch.device("cpu")
 
@@ -70,14 +79,29 @@ def test_summary_puts_data_path_beside_compute_only():
     assert lines[1]["compiled"] == "yes" and lines[1]["pays after"] == "6000 img, does not pay"
 
 
-def _noop_steps(built: list, fail_compiled: bool = False):
-    def make(precision: str, compiled: bool):
-        built.append((precision, compiled))
+def _noop_steps(built: list, fail_compiled: bool = False, slow: dict[str, float] | None = None):
+    import time
+
+    def make(precision: str, compiled: bool, settings: Settings):
+        built.append((precision, compiled, settings.batch))
         if compiled and fail_compiled:
             raise RuntimeError("inductor: no working C++ compiler\nmore detail")
-        return (lambda: None), (lambda: None)
+        pause = (slow or {}).get(precision, 0.0)
+        return (lambda: time.sleep(pause)), (lambda: time.sleep(pause))
 
     return make
+
+
+def test_a_far_slower_precision_is_screened_on_a_few_images_and_not_timed():
+    built: list = []
+    s = Settings("resnet18", 32, 16, Runtime(CPU, "auto"), warmup=1, windows=1, steps_per_window=1)
+    rows = time_phase("byol", "pretrain", _noop_steps(built, slow={"fp32": 0.001, "bf16": 0.02}), s)
+    assert built == [("fp32", False, 4), ("bf16", False, 4), ("fp32", False, 16)]  # bf16 never at batch 16
+    assert [(r.precision, r.pipeline) for r in rows] == [("bf16", SCREENED), ("fp32", DATA_PATH),
+                                                          ("fp32", COMPUTE_ONLY)]
+    assert rows[0].batch_size == 4 and rows[1].auto_precision == "fp32"
+    line = next(r for r in summary_rows(rows) if r["precision"] == "bf16")
+    assert line["data path"].startswith("not timed")
 
 
 def test_time_phase_times_each_candidate_then_the_auto_choice_compiled():
@@ -85,7 +109,7 @@ def test_time_phase_times_each_candidate_then_the_auto_choice_compiled():
     s = Settings("resnet18", 32, 4, Runtime(CPU, "auto", compile=True), warmup=1, windows=1, steps_per_window=1)
     rows = time_phase("byol", "pretrain", _noop_steps(built), s, default_images=480)
     choice = rows[0].auto_precision
-    assert built == [("fp32", False), ("bf16", False), (choice, True)]
+    assert built == [("fp32", False, 4), ("bf16", False, 4), (choice, True, 4)]
     assert [(r.precision, r.pipeline, r.compiled) for r in rows] == [
         ("fp32", DATA_PATH, False), ("fp32", COMPUTE_ONLY, False), ("bf16", DATA_PATH, False),
         ("bf16", COMPUTE_ONLY, False), (choice, DATA_PATH, True), (choice, COMPUTE_ONLY, True)]

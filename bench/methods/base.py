@@ -62,6 +62,9 @@ class Method(nn.Module):
     label_fraction: ClassVar[float | None] = None
     reference: ClassVar[str | None] = None  # "upper": a reference kept out of the ranks (positive control)
     momentum_schedule: ClassVar[str] = "cosine"  # "cosine" (BYOL, from cfg["momentum"] to 1) or "constant"
+    # cfg keys that replace the pretraining schedule's fields of the same name (the supervised control
+    # trains with a fine-tuning optimiser, not the SSL schedule's SGD); they enter the config hash as cfg
+    schedule_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, ctx: PretrainContext, cfg: dict[str, Any]):
         super().__init__()

@@ -5,7 +5,10 @@ The backbone (at the fine-tuning model's output stride 16) and the fine-tuning m
 Dice, ``bench.models.dice_bce_loss``) on ALL labelled training images of the dataset
 (``label_fraction = 1.0``: the job does not depend on the cell's label fraction), one view per image under
 the fine-tuning augmentation (recipe "light", as ``augment.finetune_batch``). The protocol hands the
-labelled images and their aligned masks (``trains_on_labelled``), as for Med-DisSeg stage I.
+labelled images and their aligned masks (``trains_on_labelled``), as for Med-DisSeg stage I. It trains with
+its own optimiser settings (``optimizer=adamw, lr=0.003, weight_decay=1e-4``: a segmentation network trained
+like a fine-tuning, not with the SSL schedule's SGD, under which a few steps left it barely trained), and
+with the pretraining schedule's steps, batch and size.
 
 Export: the backbone and, by default, the ASPP (the head's modules 0–3, DeepLabHead key names, loaded into
 the fine-tuning head by ``bench.models.load_aspp`` as CP2's is); the 1×1 classifier is re-initialised by
@@ -35,7 +38,10 @@ from bench.models import deeplab_head, dice_bce_loss
 class Supervised(Method):
     name = "supervised"
     paper = "positive control: supervised in-domain pretraining of backbone + DeepLabv3 head on all labels"
-    defaults = {"export_head": True}
+    defaults = {"export_head": True, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0001}
+    choices = {"optimizer": ("sgd", "adam", "adamw")}
+    bounds = {"lr": (0.0, None), "weight_decay": (0.0, None)}
+    schedule_keys = ("optimizer", "lr", "weight_decay")  # a supervised network trains as fine-tuning does
     recipe = "light"
     group = "references"
     uses_labels = True

@@ -10,7 +10,10 @@ Optional columns, read when present and never required (docs/reports.md lists th
 ``test_set`` and ``seen`` (one row per test set of a train-on-some, test-on-others protocol: each test
 set is one block, labelled "<test set> (seen|unseen)"), ``reference`` ("upper" marks a reference method
 kept out of the ranks), ``protocol_version``, ``eval``, ``freeze``, ``n_test`` and ``n_test_empty_gt``
-(shown in the report header).
+(shown in the report header). ``freeze`` is also the fine-tuning protocol (``none``: full fine-tuning,
+``backbone``: frozen-backbone probe): a table may hold both, one row per protocol and cell, and the
+report ranks and tests each protocol separately (``bench.reports.ranks.protocol_frames``); an empty
+``freeze`` reads as ``none`` (records made before the field existed).
 
 Reports never import training code: everything here works from the table alone.
 """
@@ -168,6 +171,8 @@ def _validate(frame: pd.DataFrame, metric: str, path: Path, strict: bool) -> pd.
         raise BenchError(f"{path}: seed must be an integer")
     frame["seed"] = frame["seed"].astype(int)
     frame[metric] = _metric(frame, metric, path)
+    if "freeze" in frame.columns:
+        frame["freeze"] = _freeze(frame["freeze"])
     _check_duplicates(frame, path)
     if strict:
         _check_complete(frame, path)
@@ -267,13 +272,21 @@ def _metric(frame: pd.DataFrame, metric: str, path: Path) -> pd.Series:
     return values
 
 
+def _freeze(values: pd.Series) -> pd.Series:
+    """The fine-tuning protocol of each row: ``none`` for an empty value (or false/no), else as written."""
+    text = values.astype(object).where(values.notna(), "").astype(str).str.strip()
+    return text.where(~text.str.lower().isin(["", "none", "false", "no", "nan"]), "none")
+
+
 def _check_duplicates(frame: pd.DataFrame, path: Path) -> None:
     ok = frame[frame["status"] == "ok"]
-    dup = ok.duplicated(list(KEY_COLUMNS), keep=False)
+    keys = [*KEY_COLUMNS, "freeze"] if "freeze" in frame.columns else list(KEY_COLUMNS)  # one row per protocol
+    dup = ok.duplicated(keys, keep=False)
     if dup.any():
         row = ok[dup].iloc[0]
+        protocol = f", freeze {row['freeze']}" if "freeze" in keys else ""
         raise BenchError(f"{path}: more than one result for method {row['method']}, dataset {row['dataset']}"
-                         f", fraction {_fmt(row['fraction'])}, seed {row['seed']}: results of two "
+                         f", fraction {_fmt(row['fraction'])}, seed {row['seed']}{protocol}: results of two "
                          "configurations are mixed; report one spec at a time")
 
 

@@ -6,14 +6,16 @@ and never imports training code (docs/reports.md). Writes into ``<run>/report/``
 ``<csv stem>_report/`` beside a CSV): ``ranks.csv|md|tex``, ``stats.json``, ``mde.csv``,
 ``cd_<fraction>``, ``rank_chart``, ``label_efficiency``, ``strip_<dataset>`` and ``predictions_<dataset>``
 figures (each as ``.pdf|.svg|.png``, two-column and ``_1col`` widths), ``figures.tex``, ``report.md``,
-``report.html``.
+``report.html``. Results of several fine-tuning protocols (``freeze``: none and backbone) are never ranked
+or tested together: every table, analysis and figure is made per protocol (figures in ``full/`` and
+``frozen/``, groups keyed ``full-<fraction>`` / ``frozen-<fraction>``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,24 @@ from bench.errors import BenchError
 from bench.reports import cd as cd_diagram
 from bench.reports import plots
 from bench.reports import sections as sec
+from bench.reports.control import Control, positive_controls
 from bench.reports.design import POWER, design_statement, mde_table
 from bench.reports.document import Document
 from bench.reports.figures import FORMATS, FigureFiles, figures_latex, render
 from bench.reports.load import Source, load_source, metric_direction, reference_label, reference_methods
 from bench.reports.predictions import choose_images, mask_iou, predictions_figure, read_predictions
-from bench.reports.ranks import RankTable, fraction_label, ordered, rank_tables, ranks_frame
+from bench.reports.ranks import (
+    PROTOCOL_COLUMN,
+    RankTable,
+    by_protocol,
+    fraction_label,
+    ordered,
+    protocol_frames,
+    protocol_key,
+    protocol_name,
+    rank_tables,
+    ranks_frame,
+)
 from bench.reports.stats import BLOCKS, CLIQUE_TESTS, ZERO_METHOD, Analysis, json_safe, run_analyses, stats_document
 from bench.reports.tables import frame_table, pretty_metric, rank_table_model, ranks_latex, ranks_markdown
 
@@ -96,19 +110,29 @@ def build_report(source: Path, out_dir: Path | None = None, metric: str = "miou"
     out = _out_dir(src, out_dir)
     tables = rank_tables(src.frame, metric, cfg.higher, cfg.unranked)
     ranked = [m for m in ordered(src.frame["method"]) if m not in cfg.unranked]
-    analyses = run_analyses(src.frame, metric, cfg.higher, blocks, alpha, cliques, ranked)
+    analyses = [sec.with_protocol(a, p) for p, frame in protocol_frames(src.frame)  # issue 14: per protocol
+                for a in run_analyses(frame, metric, cfg.higher, blocks, alpha, cliques, ranked)]
     complete = completeness(src)
-    mde = mde_table(src.frame, metric, ranked, alpha, POWER)
+    mde = by_protocol(src.frame, lambda frame: mde_table(frame, metric, ranked, alpha, POWER))
     files = _write_ranks(tables, out, show_std)
     files.append(_write_stats(analyses, complete, mde, cfg, out))
     mde.to_csv(out / "mde.csv", index=False, float_format="%.6g")
     files.append(out / "mde.csv")
-    figures = _figures(src, tables, analyses, cfg, out, test_images)
+    figures = _protocol_figures(src, tables, analyses, cfg, out, test_images)
     files += [p for f in figures for p in f.paths]
     files.append(_write(out / "figures.tex", figures_latex(figures, out)))
-    doc = _document(src, tables, analyses, complete, mde, figures, cfg)
+    controls = positive_controls(src.frame, metric, cfg.higher, cfg.references, alpha)
+    doc = _document(src, tables, analyses, complete, mde, figures, cfg, controls)
     files += _write(out / "report.md", doc.markdown(out)), _write(out / "report.html", doc.html())
-    return ReportSummary(out, files, _summary_lines(analyses, complete, cfg))
+    _add_controls_to_stats(out / "stats.json", controls)
+    return ReportSummary(out, files, [c.statement() for c in controls] + _summary_lines(analyses, complete, cfg))
+
+
+def _add_controls_to_stats(path: Path, controls: list[Control]) -> None:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["positive_control"] = json_safe([{**asdict(c), "passed": c.passed, "statement": c.statement()}
+                                         for c in controls])
+    _write(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 def _out_dir(src: Source, out_dir: Path | None) -> Path:
@@ -135,7 +159,7 @@ def _write(path: Path, text: str) -> Path:
 
 def _write_ranks(tables: list[RankTable], out: Path, show_std: bool) -> list[Path]:
     models = [rank_table_model(t, show_std) for t in tables]
-    headings = [sec.group_title(fraction_label(t.fraction)) for t in tables]
+    headings = [sec.group_title(t.group) for t in tables]
     csv = out / "ranks.csv"
     ranks_frame(tables).to_csv(csv, index=False, float_format="%.6g")
     return [csv, _write(out / "ranks.md", ranks_markdown(models, headings)),
@@ -173,8 +197,11 @@ def completeness(src: Source) -> sec.Completeness:
                    for m in src.run.get("missing", []) or []]
     methods = ordered(frame["method"])
     absent, mismatch = [], []
-    for (d, f), sub in frame.groupby(["dataset", frame["fraction"].fillna(-1.0)], sort=False):
-        where = f"{d}, fraction {fraction_label(None if f == -1.0 else f)}"
+    several = protocol_frames(frame)[0][0] is not None  # issue 14: each protocol is its own grid
+    by = [PROTOCOL_COLUMN] * several
+    for (d, f, *p), sub in frame.groupby(["dataset", frame["fraction"].fillna(-1.0), *by], sort=False):
+        where = f"{d}, fraction {fraction_label(None if f == -1.0 else f)}" + "".join(
+            f", {protocol_name(x)}" for x in p)
         seeds = sorted(sub["seed"].unique().tolist())
         have = set(zip(sub["method"], sub["seed"], strict=True))
         absent += [f"{m} on {where}, seed {s}" for m in methods for s in seeds if (m, s) not in have]
@@ -183,13 +210,34 @@ def completeness(src: Source) -> sec.Completeness:
         if len(set(present.values())) > 1:
             mismatch.append(f"{where}: " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in present.items()))
     ok = frame[frame["status"] == "ok"]
-    n = ok.groupby(["method", "dataset", "fraction"], dropna=False)["seed"].nunique()
-    fewer = [f"{m} on {d} at fraction {fraction_label(f)}: {c} of {n.max()} seeds"
-             for (m, d, f), c in n.items() if c < n.max()]
+    n = ok.groupby(["method", "dataset", "fraction", *by], dropna=False)["seed"].nunique()
+    fewer = [f"{m} on {d} at fraction {fraction_label(f)}{''.join(f', {protocol_name(x)}' for x in p)}: "
+             f"{c} of {n.max()} seeds" for (m, d, f, *p), c in n.items() if c < n.max()]
     return sec.Completeness(failed, absent, run_missing, fewer, mismatch)
 
 
 # --- figures -------------------------------------------------------------------------------------------
+
+def _protocol_figures(src: Source, tables: list[RankTable], analyses: list[Analysis], cfg: Settings, out: Path,
+                      test_images: TestImages | None) -> list[FigureFiles]:
+    """Issue 14: ``_figures`` once per fine-tuning protocol when the results hold several, each protocol's
+    files in ``<out>/<full|frozen>/``, its keys suffixed and its captions prefixed with the protocol (CD
+    diagrams already carry it in their group); plainly ``_figures`` otherwise."""
+    parts = protocol_frames(src.frame)
+    if parts[0][0] is None:
+        return _figures(src, tables, analyses, cfg, out, test_images)
+    figs = []
+    for p, frame in parts:
+        short, name = protocol_key(p), protocol_name(p)
+        (out / short).mkdir(exist_ok=True)
+        mine = [a for a in analyses if a.result.get("protocol") == p]
+        for f in _figures(replace(src, frame=frame), [t for t in tables if t.protocol == p], mine, cfg,
+                          out / short, test_images):
+            if not f.key.startswith("cd_"):
+                f.key, f.caption = f"{f.key}_{short}", f"{name[:1].upper()}{name[1:]}: {f.caption}"
+            figs.append(f)
+    return figs
+
 
 def _figures(src: Source, tables: list[RankTable], analyses: list[Analysis], cfg: Settings, out: Path,
              test_images: TestImages | None) -> list[FigureFiles]:
@@ -273,7 +321,8 @@ def _prediction_figures(src: Source, out: Path, test_images: TestImages | None,
 # --- the document --------------------------------------------------------------------------------------
 
 def _document(src: Source, tables: list[RankTable], analyses: list[Analysis], complete: sec.Completeness,
-              mde: pd.DataFrame, figs: list[FigureFiles], cfg: Settings) -> Document:
+              mde: pd.DataFrame, figs: list[FigureFiles], cfg: Settings, controls: Sequence[Control] = ()
+              ) -> Document:
     doc = Document(f"Benchmark report: {pretty_metric(cfg.metric)}")
     direction = "higher is better" if cfg.higher else "lower is better"
     doc.para(f"Source: {src.path}. Metric: {cfg.metric} ({direction}; {cfg.direction_reason}). Blocks: "
@@ -287,6 +336,9 @@ def _document(src: Source, tables: list[RankTable], analyses: list[Analysis], co
             "ranked with the others, as asked." if cfg.rank_references else
             "shown for comparison, kept out of the ranks and the statistics."))
     doc.bullets(facts)
+    if controls:  # before anything else is read: can this design tell a good initialisation from a bad one?
+        doc.heading("Positive control")
+        doc.bullets([c.statement() for c in controls])
     sec.run_section(doc, src.frame, src.run)
     sec.completeness_section(doc, complete, analyses)
     doc.heading("Ranks")
@@ -294,7 +346,7 @@ def _document(src: Source, tables: list[RankTable], analyses: list[Analysis], co
              "ranked (1 = best, ties share the average rank), and ranks are averaged over the datasets on "
              "which every method has a result (Demšar 2006).")
     for t in tables:
-        doc.heading(sec.group_title(fraction_label(t.fraction)), 3)
+        doc.heading(sec.group_title(t.group), 3)
         doc.table(rank_table_model(t, cfg.show_std))
     by_key = {f.key: f for f in figs}
     _stats_section(doc, analyses, by_key, mde, cfg)

@@ -7,6 +7,7 @@ when present and skipped silently when not (a plain CSV of published numbers has
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pandas as pd
 
 from bench.reports.design import MDE_METHOD, can_reach, design_statement
 from bench.reports.document import Document
+from bench.reports.ranks import PROTOCOL_COLUMN, group_key, protocol_key, protocol_name, protocols, split_group
 from bench.reports.stats import Analysis
 from bench.reports.tables import DASH, Cell, Table, frame_table
 
@@ -42,7 +44,23 @@ class Completeness:
 
 
 def group_title(group: str) -> str:
-    return "Overall" if group == "all" else f"Label fraction {group}"
+    """"Label fraction 0.05", "Overall"; within a protocol (``frozen-0.05``): "Frozen backbone (linear-style
+    probe of the head), label fraction 0.05"."""
+    protocol, group = split_group(group)
+    if protocol is None:
+        return "Overall" if group == "all" else f"Label fraction {group}"
+    name = protocol_name(protocol)
+    return name[:1].upper() + name[1:] + (", overall" if group == "all" else f", label fraction {group}")
+
+
+def with_protocol(analysis: Analysis, protocol: str | None) -> Analysis:
+    """An analysis of one protocol's rows, its group keyed by the protocol (``frozen-0.05``) and its
+    result saying which (``protocol``: none | backbone); unchanged for ``None`` (a single protocol)."""
+    if protocol is None:
+        return analysis
+    key = group_key(protocol, analysis.group)
+    analysis.result.update(group=key, protocol=protocol, protocol_name=protocol_name(protocol))
+    return dataclasses.replace(analysis, group=key)
 
 
 def p_text(p: float | None) -> str:
@@ -91,6 +109,10 @@ def protocol_facts(frame: pd.DataFrame, run: dict) -> list[str]:
                                             if _spec(run, "finetune", "freeze") is not None else [])
     if freeze:
         facts.append("Fine-tuning: " + "; ".join(_freeze_text(f) for f in freeze) + ".")
+    if len(protocols(frame)) > 1:
+        facts.append("Fine-tuning protocols are analysed separately: each (" + ", ".join(
+            protocol_name(p) for p in protocols(frame)) + ") has its own rank tables, statistics and figures; "
+            "no ranking or test mixes them.")
     if "n_test_empty_gt" in frame.columns:
         facts.append(EMPTY_GT + " Test images with an empty mask: " + _empty_counts(frame) + ".")
     elif run:
@@ -100,9 +122,10 @@ def protocol_facts(frame: pd.DataFrame, run: dict) -> list[str]:
 
 def _freeze_text(value: str) -> str:
     if value.lower() in ("none", "", "false", "no"):
-        return "full (backbone and head trained; freeze: none)"
+        return "full fine-tuning (backbone and head trained; freeze: none)"
     if value.lower() == "backbone":
-        return "frozen backbone (head trained, backbone frozen with BatchNorm in eval mode; freeze: backbone)"
+        return ("frozen backbone (head trained, backbone frozen with BatchNorm in eval mode: a linear-style probe "
+                "of the head; freeze: backbone)")
     return f"freeze: {value}"
 
 
@@ -271,6 +294,10 @@ def cost_section(doc: Document, frame: pd.DataFrame, speed: Path | None) -> None
         ok = frame[frame["status"] == "ok"]
         costs = ok.groupby("method", sort=False)[cols].agg(lambda s: pd.to_numeric(s, errors="coerce").mean())
         costs = costs.reindex(list(dict.fromkeys(frame["method"]))).reset_index()
+        if len(protocols(frame)) > 1:  # a frozen backbone trains faster: one row per (protocol, method)
+            keys = [ok[PROTOCOL_COLUMN].astype(str).map(protocol_key), "method"]
+            costs = ok.groupby(keys, sort=False)[cols].agg(lambda s: pd.to_numeric(s, errors="coerce").mean())
+            costs = costs.rename_axis(["protocol", "method"]).reset_index()
         doc.table(frame_table(costs.rename(columns=COST_COLUMNS),
                               "Mean per finetune cell over successful cells (pretraining time is that of "
                               "the checkpoint the cell used; a shared checkpoint is counted in each cell)."))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bench.reports.ranks import RankTable, fraction_label
+from bench.reports.ranks import RankTable, fraction_label, protocol_key, protocol_name
 
 PRETTY = {"miou": "mIoU", "dice": "Dice", "precision": "Precision", "recall": "Recall", "hd95": "HD95",
           "auc": "AUC", "accuracy": "Accuracy", "f1": "F1"}
@@ -99,6 +99,7 @@ def rank_table_model(t: RankTable, show_std: bool = True) -> Table:
         rows.append(row)
     frac = fraction_label(t.fraction)
     where = "" if frac == "all" else f" at label fraction {frac}"
+    where += f", {protocol_name(t.protocol)}" if t.protocol is not None else ""
     with_std = show_std and bool(t.std.notna().to_numpy().any())
     caption = (f"{name}{where}: seed-averaged {name}" + (" ± std over seeds" if with_std else "")
                + " with the rank per dataset in parentheses, average rank and average "
@@ -106,7 +107,8 @@ def rank_table_model(t: RankTable, show_std: bool = True) -> Table:
                + (" Reference methods are listed last, without a rank." if t.unranked else ""))
     notes = [f"{d} not ranked: no result for {', '.join(ms)}" for d, ms in t.excluded_datasets.items()]
     notes += [f"{m} has no result at this fraction" for m in t.excluded_methods]
-    return Table(header, rows, caption, f"tab:ranks-{_slug(t.metric)}-{frac}", notes)
+    label = f"tab:ranks-{_slug(t.metric)}-{frac}" + (f"-{protocol_key(t.protocol)}" if t.by_protocol else "")
+    return Table(header, rows, caption, label, notes)
 
 
 def _marked(text: str, key, marks: tuple[set, set]) -> Cell:
