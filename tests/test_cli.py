@@ -325,3 +325,21 @@ def test_set_changes_any_field_and_is_validated(tiny_spec):
     assert spec.pretrain.steps == 7 and spec.finetune.lr == 1e-4 and spec.eval == "resized" and spec.seeds == (3,)
     one_line_error(bench("run", "--spec", tiny_spec, "--set", "pretrain.stepz=3"), "pretrain.stepz", "steps")
     one_line_error(bench("run", "--spec", tiny_spec, "--set", "eval=native-ish"), "eval")
+
+
+def test_auto_workers_resolve_from_the_grid_the_device_and_the_cores(tiny_spec, monkeypatch):
+    """``--workers auto`` (the default): one process per usable core on a CPU, never more than the grid's
+    items, one when threads are asked for or the executor is SLURM's."""
+    from bench import cli, runtime
+    from bench.grid import build_grid
+    from bench.spec import load_spec
+
+    spec = load_spec(Path(tiny_spec))
+    items = len(build_grid(spec).jobs) + len(build_grid(spec).cells)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 64)
+    assert cli._workers(spec, "auto", "cpu", "local") == min(runtime.MAX_AUTO_WORKERS, items)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert cli._workers(spec, "auto", "cpu", "local") == 2
+    assert cli._workers(spec, "auto", "cpu", "slurm") == 1
+    assert cli._workers(spec.replace(threads=2), "auto", "cpu", "local") == 1
+    assert cli._workers(spec, "3", "cpu", "local") == 3

@@ -104,9 +104,9 @@ def test_grid_holds_every_cell_once_per_protocol_with_shared_pretraining():
 
 def test_single_protocol_specs_keep_their_cell_ids():
     # computed by the grid before protocol lists existed (PROTOCOL_VERSION 2); a change here means every
-    # existing run folder would recompute its cells
-    if PROTOCOL_VERSION != 2:
-        pytest.skip("PROTOCOL_VERSION changed: every id changes with it; re-pin these ids")
+    # existing run folder would recompute its cells. A new PROTOCOL_VERSION changes every id on purpose:
+    # then re-pin these ids (this test fails until someone does, rather than skipping).
+    assert PROTOCOL_VERSION == 2, "PROTOCOL_VERSION changed: every id changes with it; re-pin these ids"
     pinned = {
         "none": ["scratch_synthetic-polyp_f0.5_s0-9df5351e38", "byol_synthetic-polyp_f0.5_s0-3a65e92cfa"],
         "backbone": ["scratch_synthetic-polyp_f0.5_s0-6f3ee90c40", "byol_synthetic-polyp_f0.5_s0-c855cd94ee"],
