@@ -335,15 +335,20 @@ class Runner:
     # --- the run's derived files ----------------------------------------------------------------
     def finish(self, grid: Grid, notes: list[str], phases: dict[str, float] | None = None) -> None:
         """Derive results.csv and run.json from the records (also after an interruption)."""
-        rows = []
+        rows, missing = [], []
+        runtime = self.runtime.provenance()
         for cell in grid.cells:  # a generalisation cell has one row per test set
-            parts = (self.store.cell_record(cell.id) or {}).get("test_sets")
+            record = self.store.cell_record(cell.id)
+            if record is None:
+                missing.append(cell.id)
+            parts = (record or {}).get("test_sets")
             rows += list(parts.values()) if parts else [cell.id]
+            # decisions taken in worker processes (--workers, SLURM) live in their cells' records
+            runtime["precision_decisions"].update((record or {}).get("runtime", {}).get("precision_decisions", {}))
         self.store.write_results(rows)
-        missing = [c.id for c in grid.cells if self.store.cell_record(c.id) is None]
         self.store.write_run({
             **self.env, "spec": self.spec.to_dict(), "protocol_version": PROTOCOL_VERSION,
-            "runtime": self.runtime.provenance(), "device": str(self.runtime.device),
+            "runtime": runtime, "device": str(self.runtime.device),
             "phases_s": {k: round(v, 3) for k, v in (phases or self.phases.seconds).items()},
             "notes": notes, "failures": [list(f) for f in self.failures], "missing": missing})
 

@@ -174,3 +174,24 @@ def test_generalisation_protocol_writes_one_record_per_test_set(tmp_path):
     assert set(table["protocol_version"]) == {protocol.PROTOCOL_VERSION} and set(table["eval"]) == {"native"}
     again = run_benchmark(spec, tmp_path / "run", Runtime(CPU, "fp32"), cache_dir=tmp_path / "data")
     assert again.ran == 0 and again.reused == 1
+
+
+def test_run_json_gathers_the_precision_decisions_taken_in_worker_processes(tmp_path, monkeypatch):
+    """With --workers the cells decide their number format in other processes: run.json, written by
+    the main process, still records each decision (from the cells' records)."""
+    import json
+
+    from bench import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "measure_trial", lambda *a, **k: {"fp32": 40.0, "bf16": 20.0})
+    spec = spec_of(methods=("scratch",), precision="auto")
+    grid = build_grid(spec)
+    worker = Runner(spec, tmp_path / "run", Runtime(CPU, "auto", cache=tmp_path / "p"), cache_dir=tmp_path / "d")
+    worker.store.bind_spec(spec.to_dict())
+    worker.run_cell(grid.cells[0])
+    main = Runner(spec, tmp_path / "run", Runtime(CPU, "auto", cache=tmp_path / "p"), cache_dir=tmp_path / "d")
+    assert main.runtime.decisions == {}
+    main.finish(grid, [])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    (decision,) = run["runtime"]["precision_decisions"].values()
+    assert decision["choice"] == "fp32" and decision["images_per_s"] == {"fp32": 40.0, "bf16": 20.0}

@@ -16,7 +16,6 @@ Reference methods are drawn dashed (label efficiency) and keep their marked name
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pandas as pd
@@ -30,11 +29,6 @@ from bench.reports.ranks import RankTable, fraction_label, fractions, ordered
 from bench.reports.tables import pretty_metric
 
 MARKERS = "osD^v<>pPX*h"
-
-
-def slug(name: str) -> str:
-    """A file-name-safe form of a dataset name (``CVC-ClinicDB`` stays, spaces → ``_``)."""
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_") or "dataset"
 
 
 def colours(n: int) -> list:

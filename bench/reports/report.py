@@ -44,7 +44,7 @@ from bench.reports.ranks import (
     ranks_frame,
 )
 from bench.reports.stats import BLOCKS, CLIQUE_TESTS, ZERO_METHOD, Analysis, json_safe, run_analyses, stats_document
-from bench.reports.tables import frame_table, pretty_metric, rank_table_model, ranks_latex, ranks_markdown
+from bench.reports.tables import frame_table, pretty_metric, rank_table_model, ranks_latex, ranks_markdown, slug
 
 TestImages = Callable[[str], tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
 
@@ -264,7 +264,7 @@ def _figures(src: Source, tables: list[RankTable], analyses: list[Analysis], cfg
         figs.append(render(f"strip_{d}", f"{d}: {pretty_metric(cfg.metric)} of every seed (dots) and the seed mean "
                            f"(bars) per method and label fraction, on an axis zoomed to the values ({direction}).",
                            lambda w, d=d: plots.dataset_strip(src.frame, cfg.metric, d, w, cfg.higher),
-                           out / f"strip_{plots.slug(d)}", formats=cfg.formats))
+                           out / f"strip_{slug(d)}", formats=cfg.formats))
     figs += _prediction_figures(src, out, test_images, cfg.formats)
     return [f for f in figs if f is not None]
 
@@ -314,7 +314,7 @@ def _prediction_figures(src: Source, out: Path, test_images: TestImages | None,
                    "the number in the corner is the image's IoU.")
         figs.append(render(f"predictions_{dataset}", caption,
                            lambda w, rows=rows, p=preds, i=ious, im=images, t=truths: predictions_figure(
-                               rows, p, i, w, im, t), out / f"predictions_{plots.slug(dataset)}", "2col", formats))
+                               rows, p, i, w, im, t), out / f"predictions_{slug(dataset)}", "2col", formats))
     return figs
 
 

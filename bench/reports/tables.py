@@ -107,7 +107,7 @@ def rank_table_model(t: RankTable, show_std: bool = True) -> Table:
                + (" Reference methods are listed last, without a rank." if t.unranked else ""))
     notes = [f"{d} not ranked: no result for {', '.join(ms)}" for d, ms in t.excluded_datasets.items()]
     notes += [f"{m} has no result at this fraction" for m in t.excluded_methods]
-    label = f"tab:ranks-{_slug(t.metric)}-{frac}" + (f"-{protocol_key(t.protocol)}" if t.by_protocol else "")
+    label = f"tab:ranks-{slug(t.metric)}-{frac}" + (f"-{protocol_key(t.protocol)}" if t.by_protocol else "")
     return Table(header, rows, caption, label, notes)
 
 
@@ -115,8 +115,10 @@ def _marked(text: str, key, marks: tuple[set, set]) -> Cell:
     return Cell(text, bold=key in marks[0], underline=key in marks[1])
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+def slug(text: str) -> str:
+    """The reports' one file- and label-safe form of a name (``CVC-ClinicDB`` stays, spaces → ``_``).
+    Run ids use ``bench.grid.slug``, which the reports cannot import (they import no training code)."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
 
 
 # --- renderers -------------------------------------------------------------------------------------
